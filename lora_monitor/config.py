@@ -1,0 +1,333 @@
+"""Typed, strict TOML configuration: one place knows every key, its type and its default.
+
+An unknown key or a wrong type is a UserError naming the file, the key and the closest valid key.
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_monitor.errors import UserError
+
+# kohya arguments whose values are paths; relative ones are resolved against the config file.
+KOHYA_PATH_ARGS = frozenset(
+    {
+        "pretrained_model_name_or_path",
+        "train_data_dir",
+        "reg_data_dir",
+        "output_dir",
+        "logging_dir",
+        "dataset_config",
+        "config_file",
+        "sample_prompts",
+        "network_weights",
+        "tokenizer_cache_dir",
+        "vae",
+        "resume",
+    }
+)
+
+
+@dataclass(frozen=True)
+class KohyaConfig:
+    sd_scripts: Path
+    args: dict[str, Any] = field(default_factory=dict)
+    script: str | None = None
+    sdxl: bool = False
+    launcher: str = "python"
+    python: str | None = None
+    accelerate: dict[str, Any] = field(default_factory=dict)
+    stop_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True
+    prompts: Path | None = None
+    references: Path | None = None
+    base_model: str | None = None
+    device: str = "auto"
+    memory: str = "auto"
+    batch_size: int = 4
+    steps: int = 15
+    guidance_scale: float = 7.0
+    scheduler: str = "default"
+    width: int | None = None
+    height: int | None = None
+    seed: int = 42
+    negative_prompt: str = ""
+    every_n_steps: int | None = None
+    dynamic_schedule: list[list[int]] | None = None
+    newest_first: bool = True
+    backfill: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    fashion_clip_model: str = "hf-hub:Marqo/marqo-fashionCLIP"
+    visual_model: str = "facebook/dino-vits16"
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"visual_loss": 0.2, "fashion_clip_loss": 0.6, "color_loss": 0.2}
+    )
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: str = "eval_score"
+    mode: str | None = None
+    patience: int = 3
+    min_delta: float = 0.0
+    min_step: int = 0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    csv: Path | None = None
+    report: bool = True
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    kohya: KohyaConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: Path | None = None
+    text: str = ""
+
+    # Derived values: kohya's arguments are the authority where [eval]/[output] say nothing.
+    @property
+    def output_dir(self) -> Path | None:
+        value = self.kohya.args.get("output_dir") if self.kohya else None
+        return Path(value) if value else None
+
+    @property
+    def output_name(self) -> str:
+        value = self.kohya.args.get("output_name") if self.kohya else None
+        return str(value) if value else "last"
+
+    def base_model(self) -> str | None:
+        if self.eval.base_model:
+            return self.eval.base_model
+        value = self.kohya.args.get("pretrained_model_name_or_path") if self.kohya else None
+        return str(value) if value else None
+
+    def references(self) -> Path | None:
+        if self.eval.references:
+            return self.eval.references
+        value = self.kohya.args.get("train_data_dir") if self.kohya else None
+        return Path(value) if value else None
+
+    def csv_path(self, output_dir: Path | None = None) -> Path | None:
+        if self.output.csv:
+            return self.output.csv
+        folder = output_dir or self.output_dir
+        return folder / "loss_tracker.csv" if folder else None
+
+
+SECTIONS: dict[str, type] = {
+    "kohya": KohyaConfig,
+    "eval": EvalConfig,
+    "metrics": MetricsConfig,
+    "early_stopping": EarlyStoppingConfig,
+    "output": OutputConfig,
+}
+# Keys whose tables are free-form (passed through), not schema-checked key by key.
+FREE_TABLES = {("kohya", "args"), ("kohya", "accelerate"), ("metrics", "weights")}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(valid)}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return value converted to tp (str -> Path), or raise UserError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        errors = []
+        for arg in args:
+            try:
+                return _check_value(value, arg, where)
+            except UserError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool):
+        if isinstance(value, tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp)
+            return [_check_value(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, inner = typing.get_args(tp)
+            return {k: _check_value(v, inner, f"{where}.{k}") if inner is not Any else v for k, v in value.items()}
+    else:  # pragma: no cover - a schema bug, not user input
+        raise TypeError(f"unsupported config type {tp}")
+    raise UserError(
+        f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}; fix the value's type"
+    )
+
+
+def _load_section(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table [{where.split(': ')[-1]}], got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise UserError(f"{where}.{key}: unknown key; {_closest(key, list(fields))}")
+        values[key] = _check_value(value, hints[key], f"{where}.{key}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in values
+    ]
+    if missing:
+        raise UserError(f"{where}: missing required key '{missing[0]}'; add it to the table")
+    return cls(**values)
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _looks_like_path(value: str, base: Path) -> bool:
+    """A hub id such as `runwayml/stable-diffusion-v1-5` stays as it is; local paths are resolved."""
+    if value.startswith(("/", "./", "../", "~")) or "\\" in value:
+        return True
+    return (base / value).exists()
+
+
+def _resolve_kohya(kohya: KohyaConfig, base: Path) -> KohyaConfig:
+    args = dict(kohya.args)
+    for key, value in args.items():
+        if key in KOHYA_PATH_ARGS and isinstance(value, str) and value:
+            if key == "pretrained_model_name_or_path" and not _looks_like_path(value, base):
+                continue
+            args[key] = str(_resolve(Path(value), base))
+    return dataclasses.replace(kohya, sd_scripts=_resolve(kohya.sd_scripts, base), args=args)
+
+
+def parse_config(text: str, source: Path) -> Config:
+    """Parse TOML text as if read from `source` (used for paths and messages)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: not valid TOML ({exc}); fix the syntax at that line") from None
+    base = source.parent.resolve()
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section [{name}]; {_closest(name, list(SECTIONS))}")
+        sections[name] = _load_section(SECTIONS[name], table, f"{source}: {name}")
+    if "kohya" in sections:
+        sections["kohya"] = _resolve_kohya(sections["kohya"], base)
+    if "eval" in sections:
+        ev = sections["eval"]
+        base_model = ev.base_model
+        if base_model and _looks_like_path(base_model, base):
+            base_model = str(_resolve(Path(base_model), base))
+        sections["eval"] = dataclasses.replace(
+            ev, prompts=_resolve(ev.prompts, base), references=_resolve(ev.references, base), base_model=base_model
+        )
+    if "metrics" in sections:
+        sections["metrics"] = _resolve_metrics(sections["metrics"], base, source)
+    if "output" in sections:
+        sections["output"] = dataclasses.replace(sections["output"], csv=_resolve(sections["output"].csv, base))
+    config = Config(**sections, source=source.resolve(), text=text)
+    validate(config)
+    return config
+
+
+def _resolve_metrics(metrics: MetricsConfig, base: Path, source: Path) -> MetricsConfig:
+    models = {}
+    for key in ("fashion_clip_model", "visual_model"):
+        value = getattr(metrics, key)
+        models[key] = str(_resolve(Path(value), base)) if _looks_like_path(value, base) else value
+    valid = {"visual_loss", "fashion_clip_loss", "color_loss"}
+    for key in metrics.weights:
+        if key not in valid:
+            raise UserError(f"{source}: metrics.weights.{key}: unknown metric; {_closest(key, sorted(valid))}")
+    weights = {"visual_loss": 0.0, "fashion_clip_loss": 0.0, "color_loss": 0.0, **metrics.weights}
+    return dataclasses.replace(metrics, **models, weights=weights, cache_dir=_resolve(metrics.cache_dir, base))
+
+
+def validate(config: Config) -> None:
+    """Value checks beyond types: ranges and choices."""
+    where = config.source or Path("config")
+    ev = config.eval
+    for key in ("batch_size", "steps", "every_n_steps", "width", "height"):
+        value = getattr(ev, key)
+        if value is not None and value <= 0:
+            raise UserError(f"{where}: eval.{key} = {value}: must be a positive whole number")
+    if ev.guidance_scale < 0:
+        raise UserError(f"{where}: eval.guidance_scale = {ev.guidance_scale}: must be >= 0")
+    if ev.memory not in ("auto", "full", "offload"):
+        raise UserError(f"{where}: eval.memory = {ev.memory!r}: use 'auto', 'full' or 'offload'")
+    if not (ev.device in ("auto", "cpu", "cuda") or ev.device.startswith("cuda:")):
+        raise UserError(f"{where}: eval.device = {ev.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    for i, pair in enumerate(ev.dynamic_schedule or []):
+        if len(pair) != 2 or pair[0] <= 0 or pair[1] <= 0:
+            raise UserError(
+                f"{where}: eval.dynamic_schedule[{i}] = {pair}: use [until_step, every] with positive numbers"
+            )
+    es = config.early_stopping
+    if es.mode not in (None, "min", "max"):
+        raise UserError(f"{where}: early_stopping.mode = {es.mode!r}: use 'min' or 'max'")
+    if es.patience < 0 or es.min_step < 0 or es.min_delta < 0:
+        raise UserError(f"{where}: early_stopping patience, min_step and min_delta must be >= 0")
+    if config.kohya:
+        k = config.kohya
+        if k.launcher not in ("python", "accelerate"):
+            raise UserError(f"{where}: kohya.launcher = {k.launcher!r}: use 'python' or 'accelerate'")
+        if k.stop_grace_s <= 0:
+            raise UserError(f"{where}: kohya.stop_grace_s = {k.stop_grace_s}: must be > 0 seconds")
+        for key in ("save_every_n_steps", "save_every_n_epochs", "max_train_steps"):
+            value = k.args.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                raise UserError(f"{where}: kohya.args.{key} = {value}: must be a positive whole number")
+
+
+def load_config(path: Path) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: config file not found; check the path given to --config")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a config file; pass the .toml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config ({exc}); check permissions and encoding") from None
+    return parse_config(text, path)

@@ -1,0 +1,180 @@
+"""The live view: a rich table on a terminal, one plain line per event when piped to a file.
+
+The view only displays; it decides nothing. Metric changes are shown against the previous evaluated row.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+SHOWN = ("visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score")
+SHORT = {"visual_loss": "visual", "fashion_clip_loss": "fclip", "color_loss": "color", "clip_t": "clip_t",
+         "eval_score": "score"}
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class LiveView:
+    """Receives progress, rows and messages; renders them live (TTY) or as plain lines."""
+
+    def __init__(self, stream: IO[str] | None = None, live: bool | None = None, max_rows: int = 8) -> None:
+        self.stream = stream or sys.stdout
+        self.live_mode = self.stream.isatty() if live is None else live
+        self.console = Console(file=self.stream, highlight=False, soft_wrap=not self.live_mode)
+        self.rows: deque[dict[str, Any]] = deque(maxlen=max_rows)
+        self.step = 0
+        self.total: int | None = None
+        self.loss: float | None = None
+        self.rate: float | None = None
+        self.epoch: str = ""
+        self.queue: list[str] = []
+        self.busy: str | None = None
+        self.best: str | None = None
+        self.patience: str | None = None
+        self.messages: deque[str] = deque(maxlen=5)
+        self._started = time.monotonic()
+        self._live: Live | None = None
+        self._last_plain_step = -1
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> LiveView:
+        if self.live_mode:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live:
+            self._live.update(self._render())
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def refresh(self) -> None:
+        if self._live:
+            self._live.update(self._render())
+
+    # --- inputs ----------------------------------------------------------------------------------------
+    def progress(self, step: int, total: int | None, loss: float | None, rate: float | None) -> None:
+        self.step, self.total, self.loss, self.rate = step, total, loss, rate
+        # Plain mode: a line every 10 % of the run (or every step for short runs), not every redraw.
+        every = max(1, (total or 10) // 10)
+        if not self.live_mode and step != self._last_plain_step and (step % every == 0 or step == total):
+            self._last_plain_step = step
+            loss_text = f" loss {loss:.4g}" if loss is not None else ""
+            self._plain(f"step {step}/{total or '?'}{loss_text}")
+
+    def set_epoch(self, epoch: int, total: int) -> None:
+        self.epoch = f"{epoch}/{total}"
+        self._plain(f"epoch {epoch}/{total}")
+
+    def set_queue(self, pending: list[str], busy: str | None) -> None:
+        self.queue, self.busy = pending, busy
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        previous = next((r for r in reversed(self.rows) if r.get("status") in ("ok", "duplicate")), None)
+        shown = dict(row)
+        shown["_prev"] = previous
+        self.rows.append(shown)
+        if row.get("status") == "failed":
+            self._plain(f"checkpoint {row['checkpoint']} (step {row.get('step')}): FAILED - {row.get('note')}")
+        else:
+            parts = []
+            for key in SHOWN:
+                value = _num(row.get(key))
+                if value is not None:
+                    parts.append(f"{SHORT[key]} {value:.4f}{self._delta(key, value, previous)}")
+            note = f" ({row['note']})" if row.get("note") else ""
+            self._plain(f"checkpoint {row['checkpoint']} step {row.get('step')}: {', '.join(parts)}{note}")
+
+    def set_best(self, text: str | None) -> None:
+        if text and text != self.best:
+            self._plain(f"best: {text}")
+        self.best = text
+
+    def set_patience(self, text: str | None) -> None:
+        self.patience = text
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+        self._plain(text)
+
+    # --- rendering -------------------------------------------------------------------------------------
+    def _plain(self, text: str) -> None:
+        if self.live_mode and self._live:
+            self.refresh()
+            return
+        print(f"[lora-monitor] {text}", file=self.stream, flush=True)
+
+    @staticmethod
+    def _delta(key: str, value: float, previous: dict[str, Any] | None) -> str:
+        before = _num(previous.get(key)) if previous else None
+        return f" ({value - before:+.4f})" if before is not None else ""
+
+    def _progress_text(self) -> Text:
+        total = self.total or 0
+        width = 30
+        filled = int(width * self.step / total) if total else 0
+        bar = "█" * filled + "░" * (width - filled)
+        eta = ""
+        if self.rate and total:
+            eta = f"  ETA {int((total - self.step) / self.rate)}s"
+        rate = f"  {self.rate:.2f} it/s" if self.rate else ""
+        loss = f"  loss {self.loss:.4g}" if self.loss is not None else ""
+        epoch = f"  epoch {self.epoch}" if self.epoch else ""
+        return Text(f"train {bar} {self.step}/{total or '?'}{rate}{eta}{loss}{epoch}")
+
+    def _table(self) -> Table:
+        table = Table(title="evaluated checkpoints", expand=False)
+        for name in ("step", "checkpoint", *[SHORT[k] for k in SHOWN], "s"):
+            table.add_column(name, justify="right" if name != "checkpoint" else "left")
+        for row in self.rows:
+            if row.get("status") == "failed":
+                table.add_row(str(row.get("step") or ""), row["checkpoint"], Text(str(row.get("note")), "red"))
+                continue
+            cells = []
+            for key in SHOWN:
+                value = _num(row.get(key))
+                cells.append("" if value is None else f"{value:.4f}{self._delta(key, value, row.get('_prev'))}")
+            table.add_row(str(row.get("step") or ""), row["checkpoint"], *cells, str(row.get("eval_seconds") or ""))
+        return table
+
+    def _render(self) -> Group:
+        parts: list[Any] = [self._progress_text(), self._table()]
+        queue = ", ".join(self.queue) if self.queue else "empty"
+        busy = f"evaluating {self.busy}; " if self.busy else ""
+        parts.append(Text(f"eval queue: {busy}{queue}"))
+        if self.best:
+            parts.append(Text(f"best: {self.best}", "green"))
+        if self.patience:
+            parts.append(Text(f"early stop: {self.patience}", "yellow"))
+        gpu = _gpu_memory()
+        if gpu:
+            parts.append(Text(gpu))
+        parts.extend(Text(m, "dim") for m in self.messages)
+        return Group(*parts)
+
+
+def _gpu_memory() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            used = torch.cuda.memory_allocated() / 2**30
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            return f"GPU memory (evaluator): {used:.2f} GiB, peak {peak:.2f} GiB"
+    except Exception:  # noqa: BLE001 - the view must never fail the run
+        return None
+    return None

@@ -1,0 +1,204 @@
+"""The evaluation side of a run, shared by `train` and `eval-dir`: models loaded once, checkpoints
+evaluated in a worker thread (generate, save images, score), results handed back as EvalResult events.
+
+An error while evaluating one checkpoint becomes an EvalResult with the reason; it never reaches the
+trainer and never stops the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_monitor.config import Config
+from lora_monitor.errors import EvalError, UserError
+from lora_monitor.eval_schedule import EvalQueue
+from lora_monitor.events import CheckpointReady, EvalResult
+from lora_monitor.lora_files import read_header, tensor_fingerprint
+from lora_monitor.prompts import Prompt, load_prompts, prompts_from_captions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """Heavy objects, built once per run."""
+
+    evaluator: object
+    scorer: object
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_models(config: Config) -> None:
+    """Fail fast (before training starts) when a scoring or base model is not available offline."""
+    from lora_monitor.metrics import check_model_available
+
+    check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
+    check_model_available(config.metrics.visual_model, "visual")
+    base = config.base_model()
+    if not base:
+        raise UserError("no base model: set [eval] base_model or kohya.args.pretrained_model_name_or_path")
+    if ("/" in base or os.sep in base) and Path(base).is_absolute() and not Path(base).exists():
+        raise UserError(f"base model {base}: not found; fix [eval] base_model or pretrained_model_name_or_path")
+
+
+def resolve_prompts(config: Config, references: list[Path]) -> list[Prompt]:
+    if config.eval.prompts:
+        return load_prompts(config.eval.prompts)
+    from lora_monitor.references import read_captions
+
+    prompts = prompts_from_captions(read_captions(references))
+    if not prompts:
+        raise UserError(
+            "no prompts: set [eval] prompts to a kohya prompt file, or give the reference images .txt captions"
+        )
+    return prompts
+
+
+def build_models(config: Config, out_root: Path, sdxl: bool = False) -> Models:
+    import torch
+
+    from lora_monitor.evaluator import Evaluator, load_pipeline, resolve_device
+    from lora_monitor.metrics import Scorer
+    from lora_monitor.references import find_reference_images
+
+    ref_dir = config.references()
+    if ref_dir is None:
+        raise UserError("no reference images: set [eval] references or kohya.args.train_data_dir")
+    references = find_reference_images(ref_dir)
+    prompts = resolve_prompts(config, references)
+    device = resolve_device(config.eval.device)
+    if device.type == "cpu" and config.eval.device == "auto":
+        # Beside a CPU trainer, half the cores each keeps both near their idle speed.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    scorer = Scorer(
+        config.metrics.fashion_clip_model,
+        config.metrics.visual_model,
+        weights=dict(config.metrics.weights),
+        device=str(device),
+        cache_dir=config.metrics.cache_dir or out_root / "eval" / ".cache",
+    )
+    warnings = scorer.set_references(references)
+    pipe = load_pipeline(str(config.base_model()), sdxl, device)
+    evaluator = Evaluator(pipe, prompts, config.eval, out_root)
+    return Models(evaluator=evaluator, scorer=scorer, warnings=list(warnings))
+
+
+def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str, tuple[str, dict]]) -> EvalResult:
+    """Generate + save + score one checkpoint; every failure becomes an EvalResult.error."""
+    started = time.monotonic()
+    path = ready.path
+    try:
+        if not path.exists():
+            raise EvalError("file deleted before its turn")
+        try:
+            fp = tensor_fingerprint(path, read_header(path))
+        except (OSError, ValueError) as exc:
+            raise EvalError(f"not a readable safetensors file ({exc})") from None
+        if fp in fingerprints:
+            twin, metrics = fingerprints[fp]
+            return EvalResult(path, ready.step, dict(metrics), note=f"same weights as {twin}; not generated again")
+        generated = models.evaluator.generate(path)  # type: ignore[attr-defined]
+        models.evaluator.save(path, ready.step, generated)  # type: ignore[attr-defined]
+        metrics = models.scorer.score(generated.images, generated.prompts)  # type: ignore[attr-defined]
+        fingerprints[fp] = (path.name, dict(metrics))
+        return EvalResult(path, ready.step, dict(metrics), seconds=time.monotonic() - started)
+    except EvalError as exc:
+        return EvalResult(path, ready.step, error=str(exc), seconds=time.monotonic() - started)
+    except Exception as exc:  # noqa: BLE001 - evaluation problems never kill the run
+        log.debug("evaluation failed", exc_info=True)
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return EvalResult(path, ready.step, error=f"evaluation failed: {last[:300]}", seconds=time.monotonic() - started)
+
+
+class EvalWorker:
+    """A thread that evaluates queued checkpoints (newest first while training) and reports results."""
+
+    def __init__(
+        self,
+        load: Callable[[], Models],
+        on_result: Callable[[object], None],
+        newest_first: bool = True,
+    ) -> None:
+        self.queue = EvalQueue(newest_first=newest_first)
+        self._load = load
+        self._on_result = on_result
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evaluator", daemon=True)
+        self.models: Models | None = None
+        self.load_error: str | None = None
+        self.busy_with: Path | None = None
+        self.fingerprints: dict[str, tuple[str, dict]] = {}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, ready: CheckpointReady) -> None:
+        self.queue.push(ready, ready.step)
+        self._wake.set()
+
+    def close(self, timeout: float | None = None, backfill: bool = True) -> list[CheckpointReady]:
+        """Finish what is queued (oldest first, as a backfill) then stop; returns what was dropped."""
+        dropped: list[CheckpointReady] = []
+        if not backfill:
+            dropped = self.queue.backfill()
+        self.queue.newest_first = False
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        return dropped
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def pending(self) -> list[CheckpointReady]:
+        return self.queue.pending()
+
+    def _next(self) -> CheckpointReady | None:
+        return self.queue.pop()
+
+    def _run(self) -> None:
+        try:
+            self.models = self._load()
+            for w in self.models.warnings:
+                self._on_result(("warning", w))
+        except UserError as exc:
+            self.load_error = str(exc)
+            self._on_result(("fatal", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a broken evaluator must not take the trainer down
+            self.load_error = f"evaluator could not start: {exc}"
+            self._on_result(("fatal", self.load_error))
+        while True:
+            item = self._next()
+            if item is None:
+                if self._closing.is_set():
+                    return
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            if self.models is None:
+                self._on_result(EvalResult(item.path, item.step, error=self.load_error or "evaluator not loaded"))
+                continue
+            self.busy_with = item.path
+            self._on_result(evaluate_one(self.models, item, self.fingerprints))
+            self.busy_with = None
+
+
+def drain(q: queue.Queue, timeout: float) -> list[object]:
+    """Everything in q, waiting up to `timeout` for the first item."""
+    items = []
+    try:
+        items.append(q.get(timeout=timeout))
+        while True:
+            items.append(q.get_nowait())
+    except queue.Empty:
+        pass
+    return items

@@ -1,0 +1,100 @@
+"""Reference (training) images: finding them, reading their kohya captions, decoding them safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lora_monitor.errors import UserError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES: tuple[str, ...] = (".txt", ".caption")
+
+
+class UnreadableImageError(UserError):
+    """An image file that PIL cannot decode (corrupt, truncated, not an image)."""
+
+
+def find_reference_images(directory: Path) -> list[Path]:
+    """All images under `directory` (recursive; .png .jpg .jpeg .webp .bmp, any case), sorted by path.
+
+    Files and folders whose name starts with a dot are skipped (caches, editor files). kohya's dataset
+    layout (`10_sks dress/img.png`) is covered by the recursion.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise UserError(f"reference folder not found: {directory}; point the references setting at the "
+                        "folder of training images")
+    if not directory.is_dir():
+        raise UserError(f"reference path is not a folder: {directory}; give the folder that holds the "
+                        "training images")
+    found = [
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    ]
+    if not found:
+        kinds = " ".join(IMAGE_SUFFIXES)
+        raise UserError(f"no reference images ({kinds}) in {directory} or its subfolders; put the training "
+                        "images there")
+    return sorted(found)
+
+
+def read_caption(image_path: Path, suffixes: tuple[str, ...] = CAPTION_SUFFIXES) -> str:
+    """The kohya caption of one image: first non-empty line of `name.txt`, else `name.caption`, else "".
+
+    kohya uses the first line of the caption file as the caption; leading blank lines are skipped here.
+    """
+    for suffix in suffixes:
+        path = Path(image_path).with_suffix(suffix)
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"caption file is not UTF-8 text: {path} ({exc.reason}); re-save it as UTF-8") from exc
+        except OSError as exc:
+            raise UserError(f"cannot read caption file {path} ({exc.strerror or exc}); check its "
+                            "permissions") from exc
+        for line in text.splitlines():
+            if line.strip():
+                return line.strip()
+        return ""
+    return ""
+
+
+def read_captions(paths: list[Path], suffixes: tuple[str, ...] = CAPTION_SUFFIXES) -> list[str]:
+    """Captions of `paths` in order (see `read_caption`); "" for an image without a caption file."""
+    return [read_caption(p, suffixes) for p in paths]
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file fully into an RGB PIL image.
+
+    EXIF rotation is applied (the image as a viewer shows it) and transparency is composited onto white,
+    the background the metrics treat as empty. Raises UnreadableImageError (a UserError) for a file that
+    is missing, unreadable, truncated or not an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb_on_white(img)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise UnreadableImageError(f"cannot read image {path} ({reason}); replace or remove the file") from exc
+
+
+def _to_rgb_on_white(img: Image.Image) -> Image.Image:
+    """RGB copy of `img`; transparent pixels become white rather than black."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

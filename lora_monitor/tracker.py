@@ -1,0 +1,137 @@
+"""The CSV tracker: one row per evaluated checkpoint, flushed and fsynced as it is written.
+
+Each row goes to disk in a single write() followed by fsync(), so `tail -f` shows it at once, a crash
+loses nothing already written, and a failed write (disk full) is cut back so no half row remains.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lora_monitor.errors import UserError
+
+CONTRACT_COLUMNS = (
+    "step",
+    "epoch",
+    "total_loss",
+    "visual_loss",
+    "fashion_clip_loss",
+    "color_loss",
+    "learning_rate",
+    "timestamp",
+    "checkpoint",
+)
+COLUMNS = (*CONTRACT_COLUMNS, "clip_t", "eval_score", "status", "note", "eval_seconds")
+METRIC_NAMES = ("visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score")
+
+
+def now_iso() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return repr(value)  # full precision: eval-dir must reproduce live rows to 1e-4
+    return str(value)
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    unknown = set(row) - set(COLUMNS)
+    if unknown:  # a bug, not user input
+        raise KeyError(f"unknown CSV columns: {sorted(unknown)}")
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in COLUMNS])
+    return buf.getvalue()
+
+
+class Tracker:
+    """Append-only CSV of checkpoint evaluations.
+
+    An existing file is continued when its header is ours (so eval-dir completes a crashed run);
+    a CSV with any other header is refused, never overwritten.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, str]] = []
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: CSV path is a folder; give a file path with --csv or [output] csv")
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._read_existing()
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{self.path.parent}: cannot create the CSV folder ({exc.strerror})") from None
+            self._append(",".join(COLUMNS) + "\n")
+
+    def _read_existing(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.path}: cannot read the existing CSV ({exc}); move it away") from None
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, [])
+        if tuple(header) != COLUMNS:
+            raise UserError(
+                f"{self.path}: exists with a different header (not a lora-monitor CSV); "
+                "it was left untouched - pass another path with --csv or move the file"
+            )
+        if not text.endswith("\n"):
+            # A row cut short by a crash mid-write: drop the fragment so the file stays parseable.
+            keep = text[: text.rfind("\n") + 1]
+            with open(self.path, "r+b") as fh:
+                fh.truncate(len(keep.encode("utf-8")))
+                os.fsync(fh.fileno())
+            reader = csv.reader(io.StringIO(keep))
+            next(reader, None)
+        self.rows = [dict(zip(COLUMNS, r, strict=False)) for r in reader if r]
+
+    def _append(self, text: str) -> None:
+        data = text.encode("utf-8")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot write the CSV ({exc.strerror}); check the folder's permissions")
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(28, "short write")
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)  # no half-written row
+                raise UserError(f"{self.path}: writing a row failed ({exc.strerror}); free disk space") from None
+        finally:
+            os.close(fd)
+
+    def done(self) -> set[str]:
+        """Checkpoint file names that already have a row (any status but failed)."""
+        return {r["checkpoint"] for r in self.rows if r.get("status") != "failed"}
+
+    def append(self, row: Mapping[str, Any]) -> dict[str, str]:
+        line = format_row(row)
+        self._append(line)
+        parsed = dict(zip(COLUMNS, next(csv.reader(io.StringIO(line))), strict=True))
+        self.rows.append(parsed)
+        return parsed
+
+    def history(self, metric: str) -> list[tuple[int, float]]:
+        """(step, value) of ok rows in the order they were evaluated."""
+        out = []
+        for r in self.rows:
+            if r.get("status") in ("ok", "duplicate") and r.get(metric) and r.get("step"):
+                out.append((int(r["step"]), float(r[metric])))
+        return out
