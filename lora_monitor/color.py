@@ -4,12 +4,14 @@ Method (sliced Wasserstein-1 over Lab pixels):
 
 1. Every image is converted from sRGB to CIELAB (D65), downscaled first so its longer side is at most
    `MAX_SIDE` px (box filter: colours are averaged, never invented).
-2. Near-white, low-chroma pixels (L* >= `BACKGROUND_MIN_L` and C*ab <= `BACKGROUND_MAX_CHROMA`) are the studio
-   background and are dropped, so a garment photographed with more or less white around it keeps its score.
-   If fewer than `MIN_FOREGROUND_FRACTION` of the pixels remain (a white garment on white), all pixels are kept.
-3. The remaining pixels are projected on `N_PROJECTIONS` fixed unit directions of Lab space (a Fibonacci lattice
-   on the half sphere: deterministic, no random seed) and each projection is summarised by `N_QUANTILES`
-   quantiles. These (projections x quantiles) arrays are the per-image "colour stats" that can be cached.
+2. Near-white, low-chroma pixels (L* >= `BACKGROUND_MIN_L` and C*ab <= `BACKGROUND_MAX_CHROMA`) are the
+   studio background and are dropped, so a garment photographed with more or less white around it keeps its
+   score. If fewer than `MIN_FOREGROUND_FRACTION` of the pixels remain (a white garment on white), all pixels
+   are kept.
+3. The remaining pixels are projected on `N_PROJECTIONS` fixed unit directions of Lab space (a Fibonacci
+   lattice on the half sphere: deterministic, no random seed) and each projection is summarised by
+   `N_QUANTILES` quantiles. These (projections x quantiles) arrays are the per-image "colour stats", which
+   can be cached.
 4. A set of images is the equal-weight mixture of its images; the distance between two sets is the mean over
    directions of the 1-D Wasserstein-1 distance between the projected mixtures, times 2.
 
@@ -34,7 +36,9 @@ MIN_FOREGROUND_FRACTION = 0.01
 N_PROJECTIONS = 64
 N_QUANTILES = 128
 # Bump when anything above changes: cached reference stats are keyed by it.
-COLOR_STATS_VERSION = f"swd1-{MAX_SIDE}-{BACKGROUND_MIN_L}-{BACKGROUND_MAX_CHROMA}-{N_PROJECTIONS}-{N_QUANTILES}"
+COLOR_STATS_VERSION = (
+    f"swd1-{MAX_SIDE}-{BACKGROUND_MIN_L}-{BACKGROUND_MAX_CHROMA}-{MIN_FOREGROUND_FRACTION}-{N_PROJECTIONS}-{N_QUANTILES}"
+)
 
 # sRGB (IEC 61966-2-1) linear RGB -> CIE XYZ, D65 white.
 _RGB_TO_XYZ = np.array(

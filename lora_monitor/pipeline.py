@@ -115,7 +115,8 @@ def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str,
     except Exception as exc:  # noqa: BLE001 - evaluation problems never kill the run
         log.debug("evaluation failed", exc_info=True)
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return EvalResult(path, ready.step, error=f"evaluation failed: {last[:300]}", seconds=time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        return EvalResult(path, ready.step, error=f"evaluation failed: {last[:300]}", seconds=elapsed)
 
 
 class EvalWorker:

@@ -1,9 +1,14 @@
-"""Reference (training) images: finding them, reading their kohya captions, decoding them safely."""
+"""Reference (training) images: finding them, reading kohya captions, decoding them, caching features."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_monitor.errors import UserError
@@ -55,7 +60,9 @@ def read_caption(image_path: Path, suffixes: tuple[str, ...] = CAPTION_SUFFIXES)
         try:
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise UserError(f"caption file is not UTF-8 text: {path} ({exc.reason}); re-save it as UTF-8") from exc
+            raise UserError(
+                f"caption file is not UTF-8 text: {path} ({exc.reason}); re-save it as UTF-8"
+            ) from exc
         except OSError as exc:
             raise UserError(f"cannot read caption file {path} ({exc.strerror or exc}); check its "
                             "permissions") from exc
@@ -86,7 +93,9 @@ def load_image(path: Path) -> Image.Image:
             return _to_rgb_on_white(img)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise UnreadableImageError(f"cannot read image {path} ({reason}); replace or remove the file") from exc
+        raise UnreadableImageError(
+            f"cannot read image {path} ({reason}); replace or remove the file"
+        ) from exc
 
 
 def _to_rgb_on_white(img: Image.Image) -> Image.Image:
@@ -98,3 +107,53 @@ def _to_rgb_on_white(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes: the cache key of a reference image (renames keep it)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ReferenceFeatureCache:
+    """Per-image reference features on disk: ROOT/reference-features/<key hash>/<file sha256>.npy.
+
+    A feature key names what produced the array (model fingerprint, preprocessing version), so a changed
+    model never reads stale embeddings. Files are written atomically and read with allow_pickle=False; an
+    unreadable entry counts as a miss. Writing is best effort: the cache only saves time.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "reference-features"
+
+    def _path(self, key: str, digest: str) -> Path:
+        return self.root / hashlib.sha256(key.encode("utf-8")).hexdigest()[:16] / f"{digest}.npy"
+
+    def get_all(self, keys: Mapping[str, str], digest: str) -> dict[str, np.ndarray] | None:
+        """The features named by `keys` (feature name -> key) for one image, or None if any is missing."""
+        found: dict[str, np.ndarray] = {}
+        for name, key in keys.items():
+            path = self._path(key, digest)
+            try:
+                found[name] = np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                return None
+        return found
+
+    def put_all(self, keys: Mapping[str, str], digest: str, features: Mapping[str, np.ndarray]) -> None:
+        for name, key in keys.items():
+            path = self._path(key, digest)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                label = path.parent / "key.txt"
+                if not label.exists():
+                    label.write_text(key + "\n", encoding="utf-8")
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, np.asarray(features[name]), allow_pickle=False)
+                os.replace(tmp, path)
+            except OSError:
+                continue

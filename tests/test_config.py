@@ -1,0 +1,82 @@
+"""Config loading: strict keys and types, path resolution, defaults derived from kohya's arguments."""
+
+from pathlib import Path
+
+import pytest
+
+from lora_monitor.config import load_config, parse_config
+from lora_monitor.errors import UserError
+
+GOOD = """
+[kohya]
+sd_scripts = "sd-scripts"
+[kohya.args]
+pretrained_model_name_or_path = "runwayml/stable-diffusion-v1-5"
+train_data_dir = "data/train"
+output_dir = "out dir/ü"
+output_name = "dress"
+save_every_n_steps = 20
+network_args = ["conv_dim=4", "conv_alpha=1"]
+[eval]
+prompts = "prompts.txt"
+[output]
+"""
+
+
+def test_good_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
+    cfg = parse_config(GOOD, tmp_path / "x.toml")
+    assert cfg.kohya is not None
+    assert cfg.kohya.sd_scripts == tmp_path / "sd-scripts"
+    assert cfg.kohya.args["output_dir"] == str(tmp_path / "out dir" / "ü")
+    # a hub id is not a path and stays as written
+    assert cfg.kohya.args["pretrained_model_name_or_path"] == "runwayml/stable-diffusion-v1-5"
+    assert cfg.base_model() == "runwayml/stable-diffusion-v1-5"
+    assert cfg.references() == tmp_path / "data" / "train"
+    assert cfg.csv_path() == tmp_path / "out dir" / "ü" / "loss_tracker.csv"
+    assert cfg.eval.prompts == tmp_path / "prompts.txt"
+    assert cfg.eval.steps == 15 and cfg.eval.guidance_scale == 7.0
+    assert cfg.metrics.weights == {"visual_loss": 0.2, "fashion_clip_loss": 0.6, "color_loss": 0.2}
+    assert cfg.output_name == "dress"
+
+
+BAD = [
+    ("[kohya]\nsd_scripts = 'x'\n[eval]\nstepz = 3\n", "eval.stepz: unknown key; did you mean 'steps'?"),
+    ("[evall]\n", "unknown section [evall]; did you mean 'eval'?"),
+    ("[eval]\nsteps = 'ten'\n", "eval.steps: expected int, got str"),
+    ("[eval]\nsteps = 1.5\n", "eval.steps: expected int, got float"),
+    ("[eval]\nenabled = 1\n", "eval.enabled: expected bool, got int"),
+    ("[eval]\nguidance_scale = 'high'\n", "eval.guidance_scale: expected float"),
+    ("[eval]\nbatch_size = 0\n", "eval.batch_size = 0: must be a positive"),
+    ("[eval]\nevery_n_steps = -5\n", "eval.every_n_steps = -5: must be a positive"),
+    ("[eval]\nmemory = 'lots'\n", "eval.memory = 'lots'"),
+    ("[eval]\ndevice = 'tpu'\n", "eval.device = 'tpu'"),
+    ("[eval]\ndynamic_schedule = [[100, 0]]\n", "eval.dynamic_schedule[0]"),
+    ("[kohya]\nargs = {}\n", "missing required key 'sd_scripts'"),
+    ("[kohya]\nsd_scripts = 'x'\nlauncher = 'bash'\n", "kohya.launcher = 'bash'"),
+    ("[kohya]\nsd_scripts = 'x'\n[kohya.args]\nsave_every_n_steps = 0\n", "save_every_n_steps = 0"),
+    ("[kohya]\nsd_scripts = 'x'\nstop_grace_s = 0\n", "kohya.stop_grace_s = 0"),
+    ("[metrics]\nweights = {visual = 1.0}\n", "metrics.weights.visual: unknown metric; did you mean 'visual_loss'?"),
+    ("[metrics]\nfashion_model = 'x'\n", "did you mean 'fashion_clip_model'?"),
+    ("[early_stopping]\nmode = 'up'\n", "early_stopping.mode = 'up'"),
+    ("[early_stopping]\npatience = -1\n", "must be >= 0"),
+    ("[output]\ncsv = 3\n", "output.csv: expected Path, got int"),
+    ("[eval\n", "not valid TOML"),
+    ("eval = 3\n", "expected a table"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD)
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_config(text, tmp_path / "bad.toml")
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert "bad.toml" in message
+
+
+def test_missing_and_folder_config(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(UserError, match="is a folder"):
+        load_config(tmp_path)
