@@ -103,7 +103,9 @@ class Tracker:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"{self.path}: cannot write the CSV ({exc.strerror}); check the folder's permissions") from None
+            raise UserError(
+                f"{self.path}: cannot write the CSV ({exc.strerror}); check the folder's permissions"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             try:
