@@ -1,0 +1,88 @@
+"""`lora-monitor demo`: build the offline demo in a folder and write the config that `train` runs.
+
+Everything is made locally and deterministically: a tiny SD1.x-shaped model, tiny stand-ins for the
+scoring models (same on-disk formats as the real ones), a toy garment dataset and a kohya-style trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _table(name: str, values: dict[str, Any]) -> str:
+    lines = [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def demo_config_text(paths: Any, workdir: Path) -> str:
+    """The demo's config.toml; paths relative to the workdir where they live inside it."""
+
+    def rel(p: Path) -> str:
+        p = Path(p)
+        try:
+            return str(p.resolve().relative_to(workdir.resolve()))
+        except ValueError:
+            return str(p)
+
+    args = {
+        "pretrained_model_name_or_path": rel(paths.base_model),
+        "train_data_dir": rel(paths.train_data_dir),
+        "output_dir": "output",
+        "output_name": "demo_dress",
+        "logging_dir": "output/logs",
+        "save_model_as": "safetensors",
+        **paths.kohya_args,
+    }
+    eval_section = {"prompts": rel(paths.prompts), "references": rel(paths.train_data_dir), "batch_size": 4,
+                    **paths.eval_settings}
+    metrics = {"fashion_clip_model": rel(paths.fashion_clip), "visual_model": rel(paths.dino)}
+    header = (
+        "# lora-monitor demo: a tiny model learns a red dress; every checkpoint is scored live.\n"
+        "# Paths are relative to this file.\n\n"
+    )
+    return (
+        header
+        + _table("kohya", {"sd_scripts": str(paths.sd_scripts), "stop_grace_s": 10.0})
+        + "\n" + _table("kohya.args", args)
+        + "\n" + _table("eval", eval_section)
+        + "\n" + _table("metrics", metrics)
+        + "\n" + _table("early_stopping", {"enabled": False, "monitor": "eval_score", "patience": 3})
+        + "\n" + _table("output", {"report": True})
+    )
+
+
+def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print) -> Path:
+    """Build (or reuse) the demo in `workdir` and return its config.toml. A finished run's output is moved aside."""
+    from lora_monitor.demo.build import build_demo
+
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="lora-monitor-demo-", dir=Path.cwd()))
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    echo(f"building the offline demo in {workdir}")
+    paths = build_demo(workdir)
+    config = workdir / "config.toml"
+    config.write_text(demo_config_text(paths, workdir), encoding="utf-8")
+    output = workdir / "output"
+    if output.exists() and any(output.iterdir()):
+        n = 1
+        while (workdir / f"output.previous-{n}").exists():
+            n += 1
+        output.rename(workdir / f"output.previous-{n}")
+        echo(f"an earlier demo run was moved to output.previous-{n}")
+    echo(f"config: {config}")
+    return config

@@ -1,0 +1,47 @@
+"""`lora-monitor score`: the same metric code over any folder of images (kohya's samples, another tool's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lora_monitor.config import Config
+from lora_monitor.errors import UserError
+from lora_monitor.prompts import load_prompts
+
+
+def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts_file: Path | None) -> dict[str, Any]:
+    """Score every image in `images_dir` against `references_dir`; prompts (in file order) enable clip_t."""
+    from lora_monitor.metrics import Scorer, check_model_available
+    from lora_monitor.references import find_reference_images, load_image
+
+    check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
+    check_model_available(config.metrics.visual_model, "visual")
+    image_paths = find_reference_images(images_dir)
+    references = find_reference_images(references_dir)
+    prompts = None
+    if prompts_file:
+        prompts = [p.text for p in load_prompts(prompts_file)]
+        if len(prompts) != len(image_paths):
+            raise UserError(
+                f"{prompts_file}: {len(prompts)} prompts for {len(image_paths)} images in {images_dir}; "
+                "give one prompt per image, in the images' sorted order"
+            )
+    images = []
+    skipped = []
+    for path in image_paths:
+        try:
+            images.append(load_image(path))
+        except (OSError, ValueError) as exc:
+            skipped.append(f"{path}: {exc}")
+    if not images:
+        raise UserError(f"{images_dir}: no readable images to score")
+    if prompts is not None and skipped:
+        raise UserError(f"{skipped[0]}; clip_t needs every image readable - fix or remove it")
+    scorer = Scorer(config.metrics.fashion_clip_model, config.metrics.visual_model,
+                    weights=dict(config.metrics.weights), cache_dir=config.metrics.cache_dir)
+    warnings = scorer.set_references(references)
+    result: dict[str, Any] = dict(scorer.score(images, prompts))
+    result.update(n_images=len(images), n_references=len(references) - len(warnings),
+                  skipped=skipped + list(warnings))
+    return result
