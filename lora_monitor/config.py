@@ -304,6 +304,13 @@ def validate(config: Config) -> None:
                 f"{where}: eval.dynamic_schedule[{i}] = {pair}: use [until_step, every] with positive numbers"
             )
     es = config.early_stopping
+    from lora_monitor.early_stopping import METRIC_MODES
+
+    if es.monitor not in METRIC_MODES:
+        raise UserError(
+            f"{where}: early_stopping.monitor = {es.monitor!r} is not a metric; "
+            f"{_closest(es.monitor, sorted(METRIC_MODES))} (valid: {', '.join(sorted(METRIC_MODES))})"
+        )
     if es.mode not in (None, "min", "max"):
         raise UserError(f"{where}: early_stopping.mode = {es.mode!r}: use 'min' or 'max'")
     if es.patience < 0 or es.min_step < 0 or es.min_delta < 0:

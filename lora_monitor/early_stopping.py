@@ -43,7 +43,8 @@ class EarlyStopping:
     Non-finite values (NaN from a failed evaluation, +-inf) are ignored: they neither improve nor use up
     patience, because they say nothing about the LoRA's quality, only that scoring it went wrong.
     History entries are ordered by step before the decision, so a checkpoint evaluated late (backfilled
-    after skipping) is judged in its place in training, not as the newest evaluation.
+    after skipping) is judged in its place in training, not as the newest evaluation; a step that appears
+    more than once (the final file duplicating the last step file) counts once, with its latest value.
     """
 
     monitor: str = "eval_score"
@@ -94,7 +95,11 @@ class EarlyStopping:
 
     def _replay(self, history: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], int | None, int]:
         """Finite entries in step order, the index of the best one (None if none) and evaluations since it."""
-        finite = sorted(((s, v) for s, v in history if math.isfinite(v)), key=lambda e: e[0])
+        latest: dict[int, float] = {}
+        for step, value in history:
+            if math.isfinite(value):
+                latest[step] = value  # a step evaluated twice (e.g. a duplicate final file) counts once
+        finite = sorted(latest.items())
         best_index: int | None = None
         waited = 0
         for i, (_, value) in enumerate(finite):

@@ -391,16 +391,16 @@ class Scorer:
         Each reference's features are cached under cache_dir, keyed by model and file content hash, so a
         restart reads them back instead of running the models. Raises UserError if no reference is usable.
         """
-        warnings: list[str] = []
+        problems: dict[Path, str] = {}
         feats: dict[Path, dict[str, np.ndarray]] = {}
-        pending: list[tuple[Path, str | None]] = []
+        pending: list[tuple[Path, str]] = []
         self.cache_hits = self.cache_misses = 0
         for path in paths:
             path = Path(path)
             try:
                 digest = file_digest(path)
             except OSError as exc:
-                warnings.append(f"skipped unreadable image: {path} ({exc.strerror or exc})")
+                problems[path] = f"skipped unreadable image: {path} ({exc.strerror or exc})"
                 continue
             cached = self._cache.get_all(self._feature_keys, digest) if self._cache else None
             if cached is not None:
@@ -415,12 +415,13 @@ class Scorer:
                     images.append(load_image(path))
                     kept.append((path, digest))
                 except UnreadableImageError as exc:
-                    warnings.append(f"skipped unreadable image: {path} ({_reason(exc)})")
+                    problems[path] = f"skipped unreadable image: {path} ({_reason(exc)})"
             for (path, digest), features in zip(kept, self._features(images), strict=True):
                 feats[path] = features
                 self.cache_misses += 1
-                if self._cache and digest:
+                if self._cache:
                     self._cache.put_all(self._feature_keys, digest, features)
+        warnings = [problems[Path(p)] for p in paths if Path(p) in problems]  # in the order given
         usable = [Path(p) for p in paths if Path(p) in feats]
         if not usable:
             raise UserError(f"no usable reference images: {len(paths)} given, none readable; add readable "

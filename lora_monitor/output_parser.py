@@ -20,22 +20,30 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from lora_monitor.events import CheckpointRemoved, CheckpointSaving, EpochStarted, TotalSteps, TrainerLog, TrainProgress
+from lora_monitor.events import (
+    CheckpointRemoved,
+    CheckpointSaving,
+    EpochStarted,
+    TotalSteps,
+    TrainerLog,
+    TrainProgress,
+)
 
 LAST_LINES = 20
-# A partial line longer than this is processed as if complete, so a stream without newlines cannot grow memory.
+# A partial line longer than this is processed as complete: a stream without newlines cannot grow memory.
 MAX_PARTIAL = 1 << 16
 
 # CSI sequences (colours, cursor moves such as tqdm's `ESC[A`), OSC sequences and two-byte escapes.
 ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 SPLIT_RE = re.compile(r"[\r\n]")
-# tqdm's default format: '{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}{postfix}]'.
+# tqdm's default format: '{desc}: {percentage}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}{postfix}]'.
 # The bracket never contains ']' before its end, so a match always covers the whole bar.
 BAR_RE = re.compile(
-    r"(?:(?P<desc>[^\r\n|]*?): )?\s*(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[(?P<info>[^\]]*)\]"
+    r"(?:(?P<desc>[^\r\n|]*?): )?\s*(?P<pct>\d{1,3})%\|[^|]*\|"
+    r"\s*(?P<n>\d+)/(?P<total>\d+)\s*\[(?P<info>[^\]]*)\]"
 )
 RATE_RE = re.compile(r"(?P<value>\d+(?:\.\d+)?)(?P<unit>s/it|it/s)")
 LOSS_RE = re.compile(r"\bavr_loss=(?P<loss>[^,\s\]]+)")
@@ -50,7 +58,7 @@ FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<f
 PY_WARNING_RE = re.compile(r"^(?P<where>\S.*?):(?P<line>\d+): (?P<category>\w*Warning): (?P<message>.*)$")
 PLAIN_WARNING_RE = re.compile(r"^(?:warning|\w+Warning)\b[:\s]", re.IGNORECASE)
 PLAIN_ERROR_RE = re.compile(r"^(?:error|\w+Error)\b:", re.IGNORECASE)
-# rich's log record: time column (kohya's datefmt, rich's default `[%x %X]`, or blank when the second repeats),
+# rich's log record: time column (kohya's datefmt, rich's default `[%x %X]`, blank when the second repeats),
 # level column, message, then the source column `file.py:123` at the right edge.
 LOG_HEAD_RE = re.compile(
     r"^(?:\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}|\[[\d/:\-. ]+\])?\s*"
@@ -80,22 +88,23 @@ class _Record:
     level: str
     msg_col: int  # character column where the message starts on every line of the record
     width: int | None  # cells of the message column (None when the source column is absent)
-    pieces: list[str] = field(default_factory=list)
+    text: str = ""
+    last_piece: str = ""  # the message part of the latest line
 
-    def add(self, piece: str) -> None:
+    def add(self, raw: str) -> None:
+        """Append one line's message column (`raw` keeps its indentation)."""
+        piece, last = raw.strip(), self.last_piece
         if not piece:
             return
-        if not self.pieces:
-            self.pieces.append(piece)
-            return
-        last = self.pieces[-1]
-        # rich breaks at spaces; a word longer than the column is cut exactly at its edge (a "fold"),
-        # and CJK text has no spaces to break at. Ambiguous only when a word ends exactly at the edge.
-        folded = (self.width is not None and _cells(last) >= self.width) or (_is_wide(last[-1]) and _is_wide(piece[0]))
-        self.pieces[-1] = last + ("" if folded else " ") + piece
-
-    def text(self) -> str:
-        return self.pieces[0] if self.pieces else ""
+        # rich wraps at spaces; a word (with the indentation before it) wider than the column goes onto
+        # lines of its own, cut at the column's edge (a "fold"): such a line is one full-width run without
+        # inner spaces. CJK text is wrapped anywhere.
+        folded = bool(last.strip()) and (
+            (self.width is not None and _cells(last) >= self.width and " " not in last.strip())
+            or (_is_wide(last[-1]) and _is_wide(piece[0]))
+        )
+        self.text = self.text + ("" if folded or not self.text else " ") + piece
+        self.last_piece = raw.rstrip()
 
 
 @dataclass
@@ -158,7 +167,7 @@ class KohyaOutputParser:
     # -- segments -------------------------------------------------------------------------------
 
     def _eager_bar(self, st: _Stream, stream: str, out: list[object]) -> None:
-        """Report a bar still waiting for its terminator: tqdm's next `\\r` may come only with the next step."""
+        """Report a bar still waiting for its terminator: tqdm's next `\\r` may come with the next step."""
         tail = strip_ansi(st.partial)
         if st.eager_bar is not None and tail.startswith(st.eager_bar):
             return
@@ -223,7 +232,7 @@ class KohyaOutputParser:
             return
         record = st.record
         if record is not None and len(text) > record.msg_col and not text[: record.msg_col].strip():
-            record.add(text[record.msg_col:].strip())
+            record.add(text[record.msg_col:])
             return
         self._close_record(st, stream, out)
         head = LOG_HEAD_RE.match(text)
@@ -261,7 +270,7 @@ class KohyaOutputParser:
 
     def _close_record(self, st: _Stream, stream: str, out: list[object]) -> None:
         if st.record is not None:
-            out.append(TrainerLog(st.record.text(), st.record.level, stream))
+            out.append(TrainerLog(st.record.text, st.record.level, stream))
             st.record = None
 
     def _close_traceback(self, st: _Stream, stream: str, out: list[object]) -> None:
@@ -292,7 +301,8 @@ def _record_of(head: re.Match[str], line: str) -> _Record:
 
 def _summarise_traceback(lines: list[str]) -> str:
     """One line: the exception, and where it was raised (the innermost frame outside installed packages)."""
-    exception = lines[-1].strip() if len(lines) > 1 and not lines[-1][0].isspace() else "traceback (incomplete)"
+    complete = len(lines) > 1 and not lines[-1][0].isspace()
+    exception = lines[-1].strip() if complete else "traceback (incomplete)"
     frames = [m for m in (FRAME_RE.match(line) for line in lines) if m]
     if not frames:
         return exception

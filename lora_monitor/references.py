@@ -152,8 +152,11 @@ class ReferenceFeatureCache:
                 if not label.exists():
                     label.write_text(key + "\n", encoding="utf-8")
                 fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            except OSError:
+                continue
+            try:
                 with os.fdopen(fd, "wb") as f:
                     np.save(f, np.asarray(features[name]), allow_pickle=False)
                 os.replace(tmp, path)
             except OSError:
-                continue
+                Path(tmp).unlink(missing_ok=True)

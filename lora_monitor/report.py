@@ -93,51 +93,30 @@ def _title(column: str) -> str:
     return LABELS.get(column, column) + direction
 
 
+GREEN, RED, BLUE = "#2e8b57", "#c0392b", "#3b6ea8"
+
+
 def _draw_panel(ax: Any, frame: pd.DataFrame, column: str, marks: _Marks) -> None:
-    ok = frame[(frame["status"] == "ok") & frame["step"].notna()]
+    """One metric vs step; gids (curve-/best-/stop-<column>) become element ids in the SVG."""
+    known = frame[frame["step"].notna()]
     # The trainer's own values are valid at every evaluated step, whatever became of the evaluation.
-    points = frame[frame["step"].notna()] if column in ("total_loss", "learning_rate") else ok
+    points = known if column in ("total_loss", "learning_rate") else known[known["status"] == "ok"]
     points = points[points[column].notna()]
-    ax.plot(
-        points["step"],
-        points[column],
-        marker="o",
-        markersize=3.5,
-        linewidth=1.4,
-        color="#3b6ea8",
-        gid=f"curve-{column}",
-    )
-    failed = frame[(frame["status"] == "failed") & frame["step"].notna()]
-    if len(failed):
+    ax.plot(points["step"], points[column], "o-", color=BLUE, ms=3.5, lw=1.4, gid=f"curve-{column}")
+    failed = known[known["status"] == "failed"]
+    if len(failed):  # along the bottom edge: a failed evaluation has no value to place
+        bottom = ax.get_xaxis_transform()
         ax.plot(
-            failed["step"],
-            [0.03] * len(failed),
-            "x",
-            color="#c0392b",
-            markersize=6,
-            transform=ax.get_xaxis_transform(),
-            label="evaluation failed",
+            failed["step"], [0.03] * len(failed), "x", color=RED, ms=6, transform=bottom, label="eval failed"
         )
     if marks.best_step is not None:
-        ax.axvline(
-            marks.best_step,
-            color="#2e8b57",
-            linewidth=1.2,
-            label=f"best (step {marks.best_step})",
-            gid=f"best-{column}",
-        )
+        label = f"best (step {marks.best_step})"
+        ax.axvline(marks.best_step, color=GREEN, lw=1.2, label=label, gid=f"best-{column}")
         at_best = points[points["step"] == marks.best_step]
-        if len(at_best):
-            ax.plot(at_best["step"], at_best[column], "*", color="#2e8b57", markersize=13)
+        ax.plot(at_best["step"], at_best[column], "*", color=GREEN, ms=13)
     if marks.stop_step is not None:
-        ax.axvline(
-            marks.stop_step,
-            color="#c0392b",
-            linestyle="--",
-            linewidth=1.2,
-            label=f"early stop (step {marks.stop_step})",
-            gid=f"stop-{column}",
-        )
+        label = f"early stop (step {marks.stop_step})"
+        ax.axvline(marks.stop_step, color=RED, ls="--", lw=1.2, label=label, gid=f"stop-{column}")
     ax.set_title(_title(column), fontsize=10)
     ax.set_xlabel("step", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -179,7 +158,7 @@ def _thumbnail(path: Path) -> tuple[str, int, int] | None:
             image.save(buffer, format="PNG" if small else "JPEG", quality=85)
             kind = "png" if small else "jpeg"
             width, height = image.size
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return f"data:image/{kind};base64,{base64.b64encode(buffer.getvalue()).decode()}", width, height
 
@@ -202,7 +181,7 @@ def _grid_cells(output_dir: Path, stem: str) -> dict[str, str]:
     manifest = _manifest(output_dir / "eval" / stem)
     if manifest is None:
         return {}
-    prompts = manifest.get("prompts") or []
+    prompts = manifest.get("prompts") if isinstance(manifest.get("prompts"), list) else []
     cells: dict[str, str] = {}
     for index, name in enumerate(manifest["images"]):
         prompt = str(prompts[index]) if index < len(prompts) else f"prompt {index + 1}"
@@ -222,6 +201,18 @@ def _grid_cells(output_dir: Path, stem: str) -> dict[str, str]:
     return cells
 
 
+def _grid_head(row: pd.Series, best: bool) -> str:
+    """Column heading: checkpoint stem (full name on hover), step, eval_score, status when not ok."""
+    name = str(row["checkpoint"])
+    lines = ["&#9733; best"] if best else []
+    lines += [html.escape(Path(name).stem), f"step {_fmt(row['step']) or '?'}"]
+    if score := _fmt(row.get("eval_score")):
+        lines.append(f"eval_score {score}")
+    if row["status"] != "ok":
+        lines.append(html.escape(str(row["status"])))
+    return f'<th{" class=best" if best else ""} title="{html.escape(name)}">{"<br>".join(lines)}</th>'
+
+
 def grid_html(output_dir: Path, frame: pd.DataFrame, best_name: str | None) -> str:
     """A prompts x checkpoints table of thumbnails, each linking to its full-size image."""
     columns: list[tuple[pd.Series, dict[str, str]]] = []
@@ -235,22 +226,18 @@ def grid_html(output_dir: Path, frame: pd.DataFrame, best_name: str | None) -> s
     prompts = list(dict.fromkeys(p for _, cells in columns for p in cells))
     if not prompts:
         return '<p class="empty">No generated images found under eval/.</p>'
-    head = ['<th class="prompt">prompt</th>']
-    for row, _ in columns:
-        best = row["checkpoint"] == best_name
-        score = _fmt(row.get("eval_score"))
-        head.append(
-            f"<th{' class=best' if best else ''}>{'&#9733; best<br>' if best else ''}"
-            f"{html.escape(str(row['checkpoint']))}<br>step {_fmt(row['step']) or '?'}"
-            f"{f'<br>eval_score {score}' if score else ''}"
-            f"{'' if row['status'] == 'ok' else '<br>' + html.escape(str(row['status']))}</th>"
-        )
+    head = ['<th class="prompt">prompt</th>'] + [
+        _grid_head(row, row["checkpoint"] == best_name) for row, _ in columns
+    ]
     body = []
     for prompt in prompts:
         cells = [f'<th class="prompt">{html.escape(prompt)}</th>']
         for row, by_prompt in columns:
-            note = html.escape(str(row.get("note", "") or row["status"]))
-            cells.append(by_prompt.get(prompt, f'<td class="missing" title="{note}">&mdash;</td>'))
+            status = "no image" if row["status"] == "ok" else str(row["status"] or "no image")
+            note = html.escape(str(row.get("note", "") or status))
+            cells.append(
+                by_prompt.get(prompt, f'<td class="missing" title="{note}">{html.escape(status)}</td>')
+            )
         body.append(f"<tr>{''.join(cells)}</tr>")
     return (
         f'<div class="scroll"><table class="grid"><thead><tr>{"".join(head)}</tr></thead>'
@@ -261,6 +248,7 @@ def grid_html(output_dir: Path, frame: pd.DataFrame, best_name: str | None) -> s
 def _checkpoint_table(frame: pd.DataFrame, best_name: str | None) -> str:
     if frame.empty:
         return '<p class="empty">No checkpoint has been evaluated yet.</p>'
+    # The note (why an evaluation failed) before the long timestamp, so it shows without scrolling.
     wanted = [
         "checkpoint",
         "step",
@@ -268,15 +256,20 @@ def _checkpoint_table(frame: pd.DataFrame, best_name: str | None) -> str:
         "status",
         *_curve_columns(frame),
         "eval_seconds",
-        "timestamp",
         "note",
+        "timestamp",
     ]
     columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for _, row in frame.iterrows():
         classes = [str(row["status"])] + (["best"] if row["checkpoint"] == best_name else [])
-        cells = "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns)
+        note = _fmt(row.get("note", ""))
+        cells = ""
+        for column in columns:
+            # The status cell carries the note on hover: the note column itself may be scrolled out of view.
+            title = f' title="{html.escape(note)}"' if column == "status" and note else ""
+            cells += f"<td{title}>{html.escape(_fmt(row[column]))}</td>"
         rows.append(f'<tr class="{html.escape(" ".join(classes))}">{cells}</tr>')
     return (
         f'<div class="scroll"><table class="rows"><thead><tr>{head}</tr></thead>'
@@ -296,7 +289,7 @@ def _timing_rows(frame: pd.DataFrame, timings: dict[str, Any] | None) -> list[tu
         rows.append(("evaluation, all checkpoints", _duration(float(seconds.sum()))))
         rows.append(("evaluation, mean per checkpoint", _duration(float(seconds.mean()))))
     if "timestamp" in frame.columns:
-        stamps = pd.to_datetime(frame["timestamp"].replace("", None), errors="coerce", utc=True).dropna()
+        stamps = pd.to_datetime(frame["timestamp"], errors="coerce", utc=True, format="ISO8601").dropna()
         if len(stamps) > 1:
             rows.append(
                 ("first to last evaluated row", _duration((stamps.max() - stamps.min()).total_seconds()))
@@ -346,25 +339,26 @@ dd.stop{color:#c0392b}.best-text{color:#1e6b41}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ddd;padding:4px 6px;vertical-align:top}
 table.rows tr.failed{background:#fdecea}table.rows tr.skipped,table.rows tr.duplicate{color:#777}
-table.rows tr.best{background:#e8f5ec;font-weight:600}
-table.grid th{font-weight:normal;font-size:12px;text-align:center;min-width:112px}
+table.rows tr.best{background:#e8f5ec;font-weight:600}table.rows td{white-space:nowrap}
+th{text-align:left}
+table.grid th{font-weight:normal;font-size:12px;text-align:center;min-width:112px;white-space:nowrap}
 table.grid th.best{background:#e8f5ec;outline:2px solid #2e8b57}
-table.grid th.prompt{text-align:left;max-width:220px;min-width:140px}
+table.grid th.prompt{text-align:left;max-width:220px;min-width:140px;white-space:normal}
 table.grid td{text-align:center;padding:2px}table.grid td.missing{color:#aaa;vertical-align:middle}
-table.grid img{width:112px;height:auto;image-rendering:pixelated;display:block}
+table.grid img{width:112px;height:auto;image-rendering:pixelated;display:block;margin:0 auto}
 svg{max-width:100%;height:auto}pre{background:#f6f8fa;padding:12px;overflow-x:auto;font-size:12px}
 """
 
 
-def _page(title: str, sections: list[tuple[str, str, str]]) -> str:
-    """sections: (id, heading, inner HTML)."""
+def _page(title: str, header: str, sections: list[tuple[str, str, str]]) -> str:
+    """header: HTML above the sections; sections: (id, heading, inner HTML)."""
     body = "".join(
         f'<section id="{sid}"><h2>{html.escape(head)}</h2>{inner}</section>' for sid, head, inner in sections
     )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>\n"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{header}{body}</body></html>\n"
     )
 
 
@@ -400,10 +394,10 @@ def build_report(
     generated = datetime.now().astimezone().isoformat(timespec="seconds")
     header = (
         f"<h1>LoRA training report</h1><p class=sub>{html.escape(str(output_dir))} &middot; "
-        f"generated {html.escape(generated)}</p>{_summary(frame, best, early_stop)}"
+        f"generated {html.escape(generated)}</p>"
     )
     sections = [
-        ("summary", "Summary", header),
+        ("summary", "Summary", _summary(frame, best, early_stop)),
         ("curves", "Curves", svg or '<p class="empty">No evaluated checkpoint with a known step yet.</p>'),
         (
             "grid",
@@ -415,5 +409,7 @@ def build_report(
         ("config", "Config", config_html),
     ]
     path = output_dir / REPORT_NAME
-    atomic_write_bytes(path, _page(f"lora-monitor report - {output_dir.name}", sections).encode("utf-8"))
+    atomic_write_bytes(
+        path, _page(f"lora-monitor report - {output_dir.name}", header, sections).encode("utf-8")
+    )
     return path

@@ -42,6 +42,6 @@ def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts
                     weights=dict(config.metrics.weights), cache_dir=config.metrics.cache_dir)
     warnings = scorer.set_references(references)
     result: dict[str, Any] = dict(scorer.score(images, prompts))
-    result.update(n_images=len(images), n_references=len(references) - len(warnings),
+    result.update(n_images=len(images), n_references=len(scorer.reference_paths),
                   skipped=skipped + list(warnings))
     return result

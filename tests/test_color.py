@@ -23,7 +23,10 @@ NAVY = (30, 40, 110)
 OLIVE = (110, 120, 40)
 
 
-def garment(color: tuple[int, int, int], size: int = 64, trim: tuple[int, int, int] | None = (240, 200, 60)) -> Image.Image:
+Color = tuple[int, int, int]
+
+
+def garment(color: Color, size: int = 64, trim: Color | None = (240, 200, 60)) -> Image.Image:
     """A dress on white: bodice + flared skirt in `color`, a belt in `trim`, darker shadow folds."""
     img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -107,7 +110,8 @@ def test_layout_does_not_matter_tiles_shuffled_score_near_zero() -> None:
 
 @pytest.mark.parametrize("color", [RED, NAVY, OLIVE])
 def test_larger_hue_shift_scores_higher(color: tuple[int, int, int]) -> None:
-    img = hue_shift(garment(color), 0)  # the HSV round trip alone moves colours slightly; compare like with like
+    # The HSV round trip alone moves colours slightly: compare like with like.
+    img = hue_shift(garment(color), 0)
     scores = [color_distance([hue_shift(img, deg)], [img]) for deg in (0, 20, 60)]
     assert scores[0] < 0.2 * scores[1]
     assert 0 < scores[1] < scores[2]

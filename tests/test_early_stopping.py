@@ -62,6 +62,19 @@ def test_history_is_judged_in_step_order() -> None:
     assert "best 0.5 at step 40" in reason
 
 
+@pytest.mark.parametrize(
+    ("history", "stop"),
+    [
+        ([(10, 1.0), (20, 0.9), (20, 0.9)], False),
+        ([(10, 1.0), (20, 0.9), (20, 1.1)], True),
+        ([(10, 1.0), (20, 1.1), (20, 0.9)], False),
+        ([(10, 1.0), (20, 0.9), (20, NAN)], False),
+    ],
+)
+def test_repeated_step_counts_once(history: list[tuple[int, float]], stop: bool) -> None:
+    assert EarlyStopping(patience=1).decide(history)[0] is stop
+
+
 def test_reason_names_step_best_and_history() -> None:
     es = EarlyStopping(patience=2)
     stop, reason = es.decide([(10, 0.5), (20, 0.4), (30, 0.45), (40, 0.41)])

@@ -118,7 +118,9 @@ def test_report_marks_best_and_early_stop(report: Path) -> None:
     assert "best (step 100)" in text and "early stop (step 200)" in text
     assert "early stop at step 200" in text
     assert "demo-step00000100.safetensors (step 100)" in text
-    assert "<th class=best>&#9733; best<br>demo-step00000100.safetensors" in text
+    assert (
+        '<th class=best title="demo-step00000100.safetensors">&#9733; best<br>demo-step00000100<br>' in text
+    )
 
 
 def test_report_grid_and_tables(report: Path) -> None:
@@ -129,9 +131,11 @@ def test_report_grid_and_tables(report: Path) -> None:
     links = re.findall(r'href="(eval/[^"]+)"', grid)
     assert len(links) == 7 * len(PROMPTS)
     assert all((report.parent / link).is_file() for link in links)
-    assert 'title="CUDA out of memory &lt;oom&gt;"' in grid
+    assert 'title="CUDA out of memory &lt;oom&gt;">failed</td>' in grid
+    assert 'title="superseded">skipped</td>' in grid
     table = text[text.index('<section id="checkpoints">') : text.index('<section id="timings">')]
     assert table.count('<tr class="failed">') == 1 and '<tr class="ok best">' in table
+    assert '<td title="CUDA out of memory &lt;oom&gt;">failed</td>' in table
     timings = text[text.index('<section id="timings">') : text.index('<section id="config">')]
     for expected in (
         "training</th><td>1 min 35 s",
