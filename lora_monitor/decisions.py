@@ -45,6 +45,7 @@ class Decisions:
         self.rule = early_stopping_of(config)
         self.mode = self.rule.resolved_mode
         self.best_row: dict[str, Any] | None = None
+        self.logs_since: float | None = None  # train: ignore event files older than this launch
 
     def _logging_dir(self) -> Path | None:
         value = self.config.kohya.args.get("logging_dir") if self.config.kohya else None
@@ -57,7 +58,7 @@ class Decisions:
         from lora_monitor.tb_scalars import read_scalars
 
         try:
-            return read_scalars(folder)
+            return read_scalars(folder, since=self.logs_since)
         except Exception as exc:  # noqa: BLE001 - unreadable logs only cost us the lr column
             log.warning("could not read TensorBoard logs in %s: %s", folder, exc)
             return {}

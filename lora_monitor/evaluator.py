@@ -1,16 +1,25 @@
 """Evaluator: generate test images with one LoRA checkpoint, then score them against the references.
 
-The base pipeline is loaded once per run; per checkpoint only the LoRA is loaded (from safetensors, as a
-state dict) and deleted again. Prompts sharing size/steps/CFG are generated in batched calls, each image
-with its own fixed seed, so a checkpoint evaluated live and again with eval-dir gives the same images.
+The base pipeline is loaded once per run; per checkpoint only the LoRA changes. While consecutive
+checkpoints share their LoRA layout (same keys and shapes, the normal case in one training run) the new
+weights are copied into the loaded adapter in place (diffusers' hotswap); otherwise the old adapter is
+deleted and the new one loaded, so no module or tensor is left behind. Prompts sharing size/steps/CFG are
+generated in batched calls of `[eval] batch_size`, each image with its own fixed seed on a CPU generator,
+so a checkpoint evaluated live and again with eval-dir gives the same images. Prompt embeddings are
+computed once per run, or per checkpoint when the LoRA changes the text encoder.
+
+On a CUDA out-of-memory error the batch is halved, then the pipeline is offloaded to the CPU
+(`enable_model_cpu_offload`), then the checkpoint fails with the reason (EvalError).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +41,14 @@ SCHEDULERS = {
     "dpmsolver++": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
 }
+# `memory = auto` keeps the whole pipeline on the GPU when free memory is at least this many times the
+# weights: SD1.5 in fp16 (1.99 GiB of weights) peaked at 5.06 GiB evaluating 5 prompts at 512 px on an H100.
+FULL_MEMORY_FACTOR = 2.5
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.")
+_LOADER_LOGGERS = ("diffusers", "transformers", "peft")
 
 
+# ------------------------------------------------------------------------------ device, dtype, memory
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,30 +57,110 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_pipeline(base_model: str, sdxl: bool, device: torch.device) -> Any:
-    """Load the base pipeline once (fp16 on GPU, fp32 on CPU)."""
+def pick_dtype(
+    device_type: str, capability: tuple[int, int] | None = None, bf16_supported: bool = False
+) -> torch.dtype:
+    """fp32 on CPU; fp16 on a GPU with fp16 arithmetic (compute capability >= 5.3), else bf16, else fp32."""
+    if device_type == "cpu":
+        return torch.float32
+    if device_type != "cuda" or capability is None or capability >= (5, 3):
+        return torch.float16
+    return torch.bfloat16 if bf16_supported else torch.float32
+
+
+def device_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return pick_dtype(device.type)
+    return pick_dtype("cuda", torch.cuda.get_device_capability(device), torch.cuda.is_bf16_supported())
+
+
+def choose_memory_mode(memory: str, device_type: str, weights_bytes: int, free_bytes: int | None) -> str:
+    """'full' or 'offload' for `[eval] memory` (auto|full|offload); on a CPU there is nothing to offload."""
+    if memory not in ("auto", "full", "offload"):
+        raise UserError(f"[eval] memory = {memory!r}: use 'auto', 'full' or 'offload'")
+    if device_type != "cuda":
+        return "full"
+    if memory != "auto":
+        return memory
+    if free_bytes is None:
+        return "full"
+    return "full" if free_bytes >= FULL_MEMORY_FACTOR * weights_bytes else "offload"
+
+
+def pipeline_bytes(pipe: Any) -> int:
+    """Bytes of the weights (parameters and buffers) of every torch module of the pipeline."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            tensors = [*component.parameters(), *component.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def enable_offload(pipe: Any, device: torch.device) -> bool:
+    """Switch to `enable_model_cpu_offload` on `device`; False where that is not possible (no GPU)."""
+    if device.type != "cuda":
+        return False
+    try:
+        pipe.enable_model_cpu_offload(device=device)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        log.warning("model CPU offload not available: %s", _first_line(exc))
+        return False
+    return True
+
+
+def is_offloaded(pipe: Any) -> bool:
+    return pipe._execution_device.type != "cpu" and pipe.unet.device.type == "cpu"
+
+
+def ensure_sdpa(pipe: Any) -> int:
+    """Replace plain (non-SDPA) attention processors by AttnProcessor2_0; returns how many were replaced.
+
+    Other processor kinds (IP-adapter, added-KV ...) are left alone: they are not plain attention.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    replaced = 0
+    for name in ("unet", "vae"):
+        model = getattr(pipe, name, None)
+        if model is None or not hasattr(model, "attn_processors"):
+            continue
+        procs = model.attn_processors
+        if any(type(p) is AttnProcessor for p in procs.values()):
+            new = {k: AttnProcessor2_0() if type(p) is AttnProcessor else p for k, p in procs.items()}
+            model.set_attn_processor(new)
+            replaced += sum(type(p) is AttnProcessor for p in procs.values())
+    return replaced
+
+
+def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str = "auto") -> Any:
+    """Load the base pipeline once (fp16 on GPU, fp32 on CPU) and place it per `[eval] memory`."""
     import diffusers
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"torch_dtype": device_dtype(device)}
     if not sdxl:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = Path(base_model)
     try:
         if path.is_file():
             if path.suffix != ".safetensors":
-                raise UserError(f"{path}: only .safetensors base models are loaded (no pickle); convert it first")
+                raise UserError(f"{path}: only .safetensors base models are loaded (no pickle); convert it")
             pipe = cls.from_single_file(str(path), **kwargs)
         else:
             pipe = cls.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"base model {base_model!r} could not be loaded ({first}); give a diffusers folder or a "
-            f".safetensors file in [eval] base_model, or download it first with `hf download {base_model}`"
+            f"base model {base_model!r} could not be loaded ({_first_line(exc)}); give a diffusers folder or "
+            f"a .safetensors file in [eval] base_model, or download it first with `hf download {base_model}`"
         ) from None
     pipe.set_progress_bar_config(disable=True)
+    ensure_sdpa(pipe)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    mode = choose_memory_mode(memory, device.type, pipeline_bytes(pipe), free)
+    if mode == "offload" and enable_offload(pipe, device):
+        log.info("evaluation pipeline offloaded to the CPU (memory = %s)", memory)
+        return pipe
     return pipe.to(device)
 
 
@@ -80,11 +175,19 @@ def set_scheduler(pipe: Any, name: str) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+# ----------------------------------------------------------------------------------------- LoRA files
 @dataclass(frozen=True)
 class Generated:
     images: list[Image.Image]
     prompts: list[str]
     seeds: list[int]
+    swap_s: float = 0.0  # seconds to read the file and swap the LoRA in
+    generate_s: float = 0.0  # seconds to generate every image
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +197,7 @@ def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
         header = read_header(path)
     except FileNotFoundError:
         raise EvalError("file deleted before its turn") from None
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise EvalError(f"not a readable safetensors file ({exc})") from None
     try:
         lora_format(header)
@@ -103,28 +206,94 @@ def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise EvalError(f"corrupt safetensors file ({exc})") from None
+        raise EvalError(f"corrupt safetensors file ({_first_line(exc)})") from None
+
+
+def touches_text_encoder(keys: list[str]) -> bool:
+    return any(k.startswith(_TE_PREFIXES) for k in keys)
+
+
+def lora_layer_count(keys: list[str]) -> int:
+    """Number of LoRA layers in a state dict (one down/A matrix each); 0 for layouts counted otherwise."""
+    return sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in keys)
+
+
+def _signature(state: dict[str, torch.Tensor]) -> frozenset[tuple[str, tuple[int, ...]]]:
+    return frozenset((k, tuple(v.shape)) for k, v in state.items() if not k.endswith(".alpha"))
+
+
+def _load_failure(exc: BaseException) -> str:
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if "size mismatch" in line]
+    if lines or "shape" in text.lower():
+        return f"does not fit the base model (shape mismatch: {(lines or [_first_line(exc)])[0][:300]})"
+    if "not found in the base model" in text or type(exc).__name__ == "NoMatchingPeftModuleError":
+        return f"does not fit the base model (no layer matches its keys: {_first_line(exc)})"
+    return f"LoRA could not be loaded ({_first_line(exc)})"
+
+
+@contextlib.contextmanager
+def _quiet_loaders() -> Iterator[None]:
+    """Mute the loaders' per-call notices (missing text-encoder keys, load reports); errors still raise."""
+    loggers = [logging.getLogger(name) for name in _LOADER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR + 10)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _modules_with_adapter(model: torch.nn.Module, name: str) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(
+        1
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer) and any(name in getattr(m, a, {}) for a in m.adapter_layer_names)
+    )
+
+
+# ------------------------------------------------------------------------------------------ evaluator
+GroupKey = tuple[int, int, int, float, str]
 
 
 class Evaluator:
-    """Generates one image per prompt for a checkpoint. Built once; `generate()` per checkpoint."""
+    """Generates one image per prompt for a checkpoint. Built once; `generate()` per checkpoint.
+
+    Not thread-safe: one thread calls generate(); the pipeline is this object's alone.
+    """
 
     def __init__(self, pipe: Any, prompts: list[Prompt], cfg: EvalConfig, out_root: Path) -> None:
         self.pipe = pipe
         self.prompts = prompts
         self.cfg = cfg
         self.out_root = Path(out_root)
-        self.device = pipe.device
-        self.batch_size = cfg.batch_size
+        self.device: torch.device = pipe._execution_device
+        self.batch_size = cfg.batch_size  # halved for the rest of the run after an out-of-memory error
         self._counter = 0
+        self._adapter: str | None = None
+        self._adapter_sig: frozenset[tuple[str, tuple[int, ...]]] | None = None
+        self._embeds: dict[GroupKey, dict[str, torch.Tensor]] = {}  # base text encoder, once per run
         set_scheduler(pipe, cfg.scheduler)
+        ensure_sdpa(pipe)
+        self._offloaded = is_offloaded(pipe)
+        if cfg.memory == "offload" and not self._offloaded:
+            self._offloaded = enable_offload(pipe, self.device)
+
+    @property
+    def memory_mode(self) -> str:
+        """'offload' when the models live on the CPU between uses, else 'full'."""
+        return "offload" if self._offloaded else "full"
 
     def seeds(self) -> list[int]:
         """kohya's `--d` seed when given, else the run seed + the prompt's index."""
         return [p.seed if p.seed is not None else self.cfg.seed + i for i, p in enumerate(self.prompts)]
 
-    def _groups(self) -> dict[tuple[int, int, int, float, str], list[int]]:
-        groups: dict[tuple[int, int, int, float, str], list[int]] = {}
+    def _groups(self) -> dict[GroupKey, list[int]]:
+        groups: dict[GroupKey, list[int]] = {}
         default_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         for i, p in enumerate(self.prompts):
             key = (
@@ -137,17 +306,106 @@ class Evaluator:
             groups.setdefault(key, []).append(i)
         return groups
 
+    # ------------------------------------------------------------------------------------ LoRA swap
+    def generate(self, path: Path) -> Generated:
+        """Swap this checkpoint's LoRA in and generate every prompt. Raises EvalError with the reason."""
+        started = time.perf_counter()
+        state = _load_lora_state(Path(path))
+        self.swap_in(state)
+        swapped = time.perf_counter()
+        images = self._generate_with_fallback(touches_text_encoder(list(state)))
+        return Generated(
+            images=images,
+            prompts=[p.text for p in self.prompts],
+            seeds=self.seeds(),
+            swap_s=swapped - started,
+            generate_s=time.perf_counter() - swapped,
+        )
+
+    def swap_in(self, state: dict[str, torch.Tensor]) -> None:
+        """Make `state` (a LoRA state dict) the only active adapter; EvalError if it does not load."""
+        sig = _signature(state)
+        if self._adapter is not None and sig == self._adapter_sig:
+            try:
+                with _quiet_loaders():
+                    self.pipe.load_lora_weights(dict(state), adapter_name=self._adapter, hotswap=True)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure: fall back to a clean reload
+                log.debug("LoRA hotswap failed (%s); reloading", _first_line(exc))
+        self.unload()
+        self._counter += 1
+        name = f"ckpt{self._counter}"
+        try:
+            with _quiet_loaders():
+                self.pipe.load_lora_weights(dict(state), adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - diffusers/peft raise many types for a bad LoRA
+            self._drop(name)
+            raise EvalError(_load_failure(exc)) from None
+        expected, found = lora_layer_count(list(state)), self._adapter_layers(name)
+        if found < expected:
+            self._drop(name)
+            raise EvalError(
+                f"does not fit the base model: only {found} of its {expected} LoRA layers match a layer of "
+                "the base model (a LoRA for another architecture?)"
+            )
+        self._adapter, self._adapter_sig = name, sig
+
+    def unload(self) -> None:
+        """Delete the loaded adapter: the base weights, never modified, are what remains."""
+        if self._adapter is not None:
+            self._drop(self._adapter)
+        self._adapter = self._adapter_sig = None
+
+    def _models(self) -> list[torch.nn.Module]:
+        names = ("unet", "text_encoder", "text_encoder_2")
+        return [m for n in names if isinstance(m := getattr(self.pipe, n, None), torch.nn.Module)]
+
+    def _adapter_layers(self, name: str) -> int:
+        return sum(_modules_with_adapter(m, name) for m in self._models())
+
+    def _drop(self, name: str) -> None:
+        listed = {n for names in self.pipe.get_list_adapters().values() for n in names}
+        if name in listed:
+            self.pipe.delete_adapters(name)
+        for model in self._models():  # a failed load can leave a config entry behind
+            config = getattr(model, "peft_config", None)
+            if isinstance(config, dict):
+                config.pop(name, None)
+
+    # ----------------------------------------------------------------------------------- generation
+    def _embeddings(self, key: GroupKey, indices: list[int], fresh: bool) -> dict[str, torch.Tensor]:
+        """Prompt embeddings of a group, rows in `indices` order; cached unless the LoRA changes the TE."""
+        if not fresh and key in self._embeds:
+            return self._embeds[key]
+        negative = key[4]
+        do_cfg = key[3] > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
+        out = self.pipe.encode_prompt(
+            prompt=[self.prompts[i].text for i in indices],
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=[negative] * len(indices) if negative else None,
+        )
+        names = ["prompt_embeds", "negative_prompt_embeds"]
+        if len(out) == 4:  # SDXL adds the pooled embeddings of its second text encoder
+            names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        embeds = {n: t for n, t in zip(names, out, strict=True) if t is not None}
+        if not fresh:
+            self._embeds[key] = embeds
+        return embeds
+
     @torch.inference_mode()
-    def _run_batches(self) -> list[Image.Image]:
+    def _run_batches(self, te_lora: bool) -> list[Image.Image]:
         images: list[Image.Image | None] = [None] * len(self.prompts)
         seeds = self.seeds()
         gen_device = "cpu"  # CPU generators: the same seed gives the same noise on any device
-        for (width, height, steps, cfg_scale, negative), indices in self._groups().items():
+        for key, indices in self._groups().items():
+            width, height, steps, cfg_scale, _ = key
+            embeds = self._embeddings(key, indices, fresh=te_lora)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 out = self.pipe(
-                    prompt=[self.prompts[i].text for i in chunk],
-                    negative_prompt=[negative] * len(chunk) if negative else None,
+                    **{n: t[start : start + len(chunk)] for n, t in embeds.items()},
                     width=width,
                     height=height,
                     num_inference_steps=steps,
@@ -158,37 +416,24 @@ class Evaluator:
                     images[i] = image
         return [im for im in images if im is not None]
 
-    def generate(self, path: Path) -> Generated:
-        """Load the LoRA, generate every prompt, drop the LoRA. Raises EvalError with the reason."""
-        state = _load_lora_state(path)
-        self._counter += 1
-        adapter = f"ckpt{self._counter}"
-        try:
-            self.pipe.load_lora_weights(state, adapter_name=adapter)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            if "size mismatch" in str(exc) or "shape" in str(exc).lower():
-                raise EvalError(f"does not fit the base model (shape mismatch: {msg})") from None
-            raise EvalError(f"LoRA could not be loaded ({msg})") from None
-        try:
-            images = self._generate_with_fallback()
-        finally:
-            self.pipe.delete_adapters(adapter)
-        return Generated(images=images, prompts=[p.text for p in self.prompts], seeds=self.seeds())
-
-    def _generate_with_fallback(self) -> list[Image.Image]:
+    def _generate_with_fallback(self, te_lora: bool) -> list[Image.Image]:
         """On CUDA out-of-memory: halve the batch, then offload to CPU, then give up with the reason."""
         while True:
             try:
-                return self._run_batches()
-            except torch.OutOfMemoryError:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.batch_size > 1:
-                    self.batch_size = max(1, self.batch_size // 2)
-                    log.warning("evaluation out of memory: retrying with batch size %d", self.batch_size)
-                    continue
-                raise EvalError("out of memory even with batch size 1") from None
+                return self._run_batches(te_lora)
+            except torch.cuda.OutOfMemoryError:
+                pass  # leave the except block first, so the traceback's tensors can be freed
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.batch_size > 1:
+                self.batch_size = max(1, self.batch_size // 2)
+                log.warning("evaluation out of memory: retrying with batch size %d", self.batch_size)
+            elif not self._offloaded and enable_offload(self.pipe, self.device):
+                self._offloaded = True
+                log.warning("evaluation out of memory at batch size 1: retrying with model CPU offload")
+            else:
+                how = "and model CPU offload" if self._offloaded else f"(no offload on {self.device})"
+                raise EvalError(f"out of memory even with batch size 1 {how}")
 
     def save(self, path: Path, step: int | None, generated: Generated) -> Path:
         """Write the images and a manifest under <out_root>/eval/<checkpoint stem>/."""

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERM_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
-READER_WAIT_S = 2.0  # after kohya exits, for its pipes to drain before leftovers of its group are killed
+READER_WAIT_S = 5.0  # after kohya exits, for its pipes to drain before leftovers of its group are killed
 READ_SIZE = 1 << 16
 DEFAULT_COLUMNS = "160"  # rich wraps log records at the console width, 80 on a pipe unless COLUMNS says
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

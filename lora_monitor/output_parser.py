@@ -61,7 +61,7 @@ PLAIN_ERROR_RE = re.compile(r"^(?:error|\w+Error)\b:", re.IGNORECASE)
 # rich's log record: time column (kohya's datefmt, rich's default `[%x %X]`, blank when the second repeats),
 # level column, message, then the source column `file.py:123` at the right edge.
 LOG_HEAD_RE = re.compile(
-    r"^(?:\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}|\[[\d/:\-. ]+\])?\s*"
+    r"^\s*(?P<time>\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}|\[[\d/:\-. ]+\])?\s*"
     r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) +(?P<msg>\S.*?)?(?:\s+(?P<src>[\w.<>-]+\.py:\d+))?\s*$"
 )
 LEVELS = {"DEBUG": "info", "INFO": "info", "WARNING": "warning", "ERROR": "error", "CRITICAL": "error"}
@@ -69,7 +69,7 @@ LIBRARY_PARTS = ("site-packages", "dist-packages", "/lib/python")
 
 
 def strip_ansi(text: str) -> str:
-    return ANSI_RE.sub("", text)
+    return ANSI_RE.sub("", text) if "\x1b" in text else text
 
 
 def _cells(text: str) -> int:
@@ -114,6 +114,7 @@ class _Stream:
     record: _Record | None = None
     traceback: list[str] | None = None
     after_py_warning: bool = False  # the indented source line Python prints after a warning
+    level_col: int = 20  # where rich's level column starts: the time column's width + 1
 
 
 class KohyaOutputParser:
@@ -142,7 +143,8 @@ class KohyaOutputParser:
     def feed(self, data: str, stream: str) -> list[object]:
         """Parse a chunk of `stream` ("stdout" or "stderr"); returns the events it completed, in order."""
         st = self._streams.setdefault(stream, _Stream())
-        parts = SPLIT_RE.split(st.partial + data)
+        parts = SPLIT_RE.split(data)  # not partial + data: a long line arriving in small chunks stays linear
+        parts[0] = st.partial + parts[0]
         st.partial = parts.pop()
         out: list[object] = []
         for segment in parts:
@@ -168,6 +170,8 @@ class KohyaOutputParser:
 
     def _eager_bar(self, st: _Stream, stream: str, out: list[object]) -> None:
         """Report a bar still waiting for its terminator: tqdm's next `\\r` may come with the next step."""
+        if "%|" not in st.partial:  # cheap test first: this runs after every chunk, on a growing line
+            return
         tail = strip_ansi(st.partial)
         if st.eager_bar is not None and tail.startswith(st.eager_bar):
             return
@@ -237,7 +241,7 @@ class KohyaOutputParser:
         self._close_record(st, stream, out)
         head = LOG_HEAD_RE.match(text)
         if head:
-            st.record = _record_of(head, text)
+            st.record = _record_of(head, text, st)
             return
         if st.after_py_warning and text[0].isspace():
             st.after_py_warning = False
@@ -288,12 +292,18 @@ def _float(match: re.Match[str] | None, group: str) -> float | None:
         return None
 
 
-def _record_of(head: re.Match[str], line: str) -> _Record:
+def _record_of(head: re.Match[str], line: str, st: _Stream) -> _Record:
+    """A record from its head line. Continuation lines put the message where the head line would without the
+    spaces tqdm pads a bar with when a record is glued to it; so measure from the time column (or, when the
+    time is blank, from the level column of the stream's last timed record)."""
     msg = head.group("msg") or ""
-    msg_col = head.start("msg") if head.group("msg") else len(line)
+    if head.group("time"):
+        st.level_col = head.start("level") - head.start("time")
+    msg_start = head.start("msg") if head.group("msg") else head.end("level") + 1
+    msg_col = st.level_col + msg_start - head.start("level")
     width = None
     if head.group("src"):
-        width = _cells(line[: head.start("src")]) - 1 - _cells(line[:msg_col])
+        width = _cells(line[: head.start("src")]) - 1 - _cells(line[:msg_start])
     record = _Record(level=LEVELS[head.group("level")], msg_col=msg_col, width=width)
     record.add(msg.strip())
     return record

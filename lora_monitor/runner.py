@@ -25,7 +25,7 @@ from lora_monitor.lock import OutputLock
 from lora_monitor.lora_files import is_final_name, step_from_name, step_of
 from lora_monitor.pipeline import EvalWorker, build_models, check_models, drain
 from lora_monitor.rows import TrainerFacts, build_row, epoch_from_metadata
-from lora_monitor.tracker import Tracker
+from lora_monitor.tracker import METRIC_NAMES, Tracker
 from lora_monitor.watcher import CheckpointWatcher, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,20 @@ def _sort_key(path: Path, output_name: str | None) -> tuple[int, int, str]:
     return (step if step is not None else 10**12, 1 if final else 0, path.name)
 
 
+def logging_dir_of(config: Config, output_dir: Path) -> Path:
+    value = config.kohya.args.get("logging_dir") if config.kohya else None
+    return Path(value) if value else output_dir / "logs"
+
+
+def _tensorboard_of(config: Config, output_dir: Path) -> object | None:
+    """lora-monitor's own TensorBoard run beside kohya's, when [output] tensorboard = true."""
+    if not config.output.tensorboard:
+        return None
+    from lora_monitor.tb_writer import TensorBoardWriter
+
+    return TensorBoardWriter(logging_dir_of(config, output_dir))
+
+
 class _Loop:
     """State shared by train and eval-dir: the tracker, the view, pending results and the decisions."""
 
@@ -65,12 +79,34 @@ class _Loop:
         self.redraws: dict[int, int] = {}  # how often kohya drew each step (the loss is final on the 2nd)
         self.fatal: str | None = None
         self.stop_reason: str | None = None
+        self.tensorboard = _tensorboard_of(config, output_dir)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def _to_tensorboard(self, row: dict[str, str], checkpoint: Path) -> None:
+        if self.tensorboard is None or row.get("status") != "ok" or not row.get("step"):
+            return
+        from PIL import Image
+
+        metrics = {k: float(row[k]) for k in METRIC_NAMES if row.get(k)}
+        folder = self.output_dir / "eval" / checkpoint.stem
+        images = []
+        for path in sorted(folder.glob("[0-9][0-9].png")):
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        try:
+            self.tensorboard.add_row(int(row["step"]), metrics, images or None)
+        except OSError as exc:
+            self.view.message(f"warning: TensorBoard row not written ({exc})")
 
     def write_result(self, result: ev.EvalResult) -> None:
         self.facts.lr_at_step.update(self.decisions.learning_rates())
         epoch_hint = epoch_from_metadata(result.checkpoint) if result.checkpoint.exists() else None
         row = self.tracker.append(build_row(result, self.facts, epoch_hint))
         self.view.add_row(row)
+        self._to_tensorboard(row, result.checkpoint)
         verdict = self.decisions.after_row(row, result.checkpoint)
         self.view.set_best(verdict.best_text)
         self.view.set_patience(verdict.patience_text)
@@ -100,6 +136,10 @@ def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: boo
         raise UserError(f"{folder}: not a folder; give the kohya output folder to eval-dir")
     csv_path = csv_path or config.csv_path(folder) or folder / "loss_tracker.csv"
     check_models(config)
+    if config.output.tensorboard:
+        from lora_monitor.tb_writer import check_available
+
+        check_available()
     with OutputLock(folder):
         loop = _Loop(config, folder, csv_path, view)
         output_name = config.output_name if config.kohya else None
@@ -147,6 +187,7 @@ def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: boo
             if loop.handle_common(item) and isinstance(item, ev.EvalResult):
                 loop.write_result(item)
         loop.decisions.finish(early_stop=None)
+        loop.close()
     if loop.fatal:
         raise UserError(loop.fatal)
     return 0

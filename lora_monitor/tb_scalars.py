@@ -18,6 +18,9 @@ EVENT_GLOB = "events.out.tfevents.*"
 _warned_missing = False
 
 
+OWN_RUN_PREFIX = "lora-monitor"
+
+
 def read_scalars(logging_dir: Path, since: float | None = None) -> dict[str, dict[int, float]]:
     """tag -> {step: value} of the newest run under `logging_dir` (all event files below it).
 
@@ -26,7 +29,12 @@ def read_scalars(logging_dir: Path, since: float | None = None) -> dict[str, dic
     event files last written before it, so an earlier run is not mistaken for the current one.
     Returns {} when there is nothing to read, or when the tensorboard package is missing (warned once).
     """
-    files = [p for p in Path(logging_dir).rglob(EVENT_GLOB) if p.is_file()]
+    # lora-monitor's own run (tb_writer) lives beside kohya's; it is never the trainer's run.
+    files = [
+        p
+        for p in Path(logging_dir).rglob(EVENT_GLOB)
+        if p.is_file() and not p.relative_to(Path(logging_dir)).parts[0].startswith(OWN_RUN_PREFIX)
+    ]
     if since is not None:
         files = [p for p in files if p.stat().st_mtime >= since]
     if not files:

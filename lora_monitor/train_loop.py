@@ -49,6 +49,10 @@ def run_train(config: Config, view: LiveView) -> int:
         view.message(f"warning: {warning}")
     if config.eval.enabled:
         check_models(config)
+    if config.output.tensorboard:
+        from lora_monitor.tb_writer import check_available
+
+        check_available()
     csv_path = config.csv_path(output_dir)
     assert csv_path is not None
     output_name = str(merged.get("output_name") or "last")
@@ -69,6 +73,7 @@ def run_train(config: Config, view: LiveView) -> int:
             watcher.start()
         proc = KohyaProcess(build_argv(config.kohya), cwd=config.kohya.sd_scripts, on_event=loop.events.put)
         started = time.monotonic()
+        loop.decisions.logs_since = time.time() - 1.0
         proc.start()
         view.message(f"kohya started (pid {proc.pid}); output {output_dir}")
         code = _follow(loop, proc, worker, watcher, schedule, output_name, caught, config)
@@ -78,6 +83,7 @@ def run_train(config: Config, view: LiveView) -> int:
             _finish_evaluations(loop, proc, worker, schedule, output_name, caught)
         timings["total_s"] = round(time.monotonic() - started, 1)
         loop.decisions.finish(early_stop=loop.stop_reason, timings=timings)
+        loop.close()
     if loop.stop_reason and caught.signum is None and code != 0:
         code = 0  # stopped on purpose: the saved checkpoints are the result
     if caught.signum is not None:

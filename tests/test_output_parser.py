@@ -45,8 +45,8 @@ EXPECTED = {
     "run-python-u": {
         "loss_at_step": {1: 1.06, 2: 1.1, 3: 1.15, 4: 1.14, 5: 1.2, 6: 1.22},
         "epoch_at_step": {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2},
-        "saves": ["testlora-step00000002", "testlora-step00000004", "testlora-000001", "testlora-step00000006",
-                  "testlora"],
+        "saves": ["testlora-step00000002", "testlora-step00000004", "testlora-000001",
+                  "testlora-step00000006", "testlora"],
         "epochs": [(1, 2), (2, 2)],
         "current_step": 6, "current_epoch": 2,
         "warnings": ["no regularization images / 正則化画像が見つかりませんでした"]
@@ -61,7 +61,8 @@ EXPECTED = {
         "current_step": 3, "current_epoch": 1,
         "warnings": ["no regularization images / 正則化画像が見つかりませんでした",
                      "Failed to get git commit hash, using fallback"],
-        "errors": ["KeyboardInterrupt (in forward, /home/me/kohya-ws/sd-scripts/library/original_unet.py:1148)"],
+        "errors": ["KeyboardInterrupt (in forward, "
+                   "/home/me/kohya-ws/sd-scripts/library/original_unet.py:1148)"],
     },
 }
 
@@ -194,7 +195,8 @@ def test_sigint_traceback_is_in_last_lines() -> None:
 @pytest.mark.parametrize(
     ("text", "level"),
     [
-        ("load tokenizer from cache: /home/me/kohya-ws/tokenizer_cache/openai_clip-vit-large-patch14", "info"),
+        ("load tokenizer from cache: /home/me/kohya-ws/tokenizer_cache/openai_clip-vit-large-patch14",
+         "info"),
         ("found directory /home/me/kohya-ws/train/1_garment contains 4 image files", "info"),
         ("set image size from cache files: 0/4", "info"),
         ("create LoRA network. base dim (rank): 4, alpha: 1", "info"),
@@ -214,7 +216,8 @@ def test_wrapped_rich_records_are_joined(text: str, level: str | None) -> None:
 
 def test_dataset_dump_keeps_folded_words_whole() -> None:
     _, events = parse(in_order("run-python-u"))
-    dump = next(e.text for e in events if isinstance(e, TrainerLog) and e.text.startswith("[Dataset 0] batch"))
+    logs = [e.text for e in events if isinstance(e, TrainerLog)]
+    dump = next(text for text in logs if text.startswith("[Dataset 0] batch"))
     assert 'image_dir: "/home/me/kohya-ws/train/1_garment"' in dump
     assert "caption_dropout_every_n_epochs: 0" in dump
 
@@ -227,8 +230,9 @@ BAR = "steps:  50%|█████     | 3/6 [00:01<00:01,  2.50it/s, avr_loss=0
 @pytest.mark.parametrize(
     ("chunks", "expected"),
     [
-        ([("stderr", "\r" + BAR)], [TrainProgress(3, 6, 0.123, 2.5)]),
-        ([("stderr", "\rvalidation steps:  50%|█████     | 1/2 [00:01<00:01,  1.00it/s, val_loss=0.5]\n")], []),
+        ([("stderr", "\r" + BAR)], [TotalSteps(6), TrainProgress(3, 6, 0.123, 2.5)]),
+        ([("stderr", "\rvalidation steps:  50%|█████     | 1/2 [00:01<00:01,  1.00it/s, val_loss=0.5]\n")],
+         []),
         ([("stderr", "\r 25%|██▌       | 1/4 [00:02<00:08,  2.70s/it]\n")], []),
         ([("stdout", "epoch 1/"), ("stdout", "3\n")], [EpochStarted(1, 3)]),
         ([("stdout", "removing old checkpoint: /o/a-step00000002.safetensors\n")],
@@ -243,12 +247,20 @@ BAR = "steps:  50%|█████     | 3/6 [00:01<00:01,  2.50it/s, avr_loss=0
         ([("stderr", "/x/lib.py:12: FutureWarning: `foo` is deprecated\n  warnings.warn(\nnext line\n")],
          [TrainerLog("FutureWarning: `foo` is deprecated", "warning", "stderr"),
           TrainerLog("next line", "info", "stderr")]),
+        # a record glued to a bar after tqdm's padding, its time column blank (same second as the last one)
+        ([("stderr", "2026-11-26 21:18:50 INFO     first                 a.py:1\n\r" + BAR + "  "
+                     "                    WARNING  Failed to get git commit      sai_model_spec.py:288\n"
+                     "                             hash, using fallback                               \n")],
+         [TrainerLog("first", "info", "stderr"), TotalSteps(6), TrainProgress(3, 6, 0.123, 2.5),
+          TrainerLog("Failed to get git commit hash, using fallback", "warning", "stderr")]),
         ([("stderr", "[11/26/26 21:15:00] ERROR    out of memory                    train.py:9\n")],
          [TrainerLog("out of memory", "error", "stderr")]),
-        ([("stdout", "Error: cannot open file\n")], [TrainerLog("Error: cannot open file", "error", "stdout")]),
+        ([("stdout", "Error: cannot open file\n")],
+         [TrainerLog("Error: cannot open file", "error", "stdout")]),
         ([("stderr", "Traceback (most recent call last):\n"),
           ("stderr", '  File "/k/train_network.py", line 9, in <module>\n    main()\n'),
-          ("stderr", '  File "/v/lib/python3.11/site-packages/t.py", line 3, in f\n    raise ValueError("x")\n'),
+          ("stderr", '  File "/v/lib/python3.11/site-packages/t.py", line 3, in f\n'),
+          ("stderr", '    raise ValueError("x")\n'),
           ("stderr", "ValueError: bad value\n")],
          [TrainerLog("ValueError: bad value (in <module>, /k/train_network.py:9)", "error", "stderr")]),
         ([("stderr", "Traceback (most recent call last):\n  File \"/k/a.py\", line 1, in f\n")],
@@ -263,7 +275,7 @@ def test_synthetic_output(chunks: list[tuple[str, str]], expected: list[object])
 def test_a_bar_is_reported_before_its_terminator_arrives() -> None:
     parser = KohyaOutputParser()
     assert parser.feed("\r" + BAR[:30], "stderr") == []
-    assert parser.feed(BAR[30:], "stderr") == [TrainProgress(3, 6, 0.123, 2.5)]
+    assert parser.feed(BAR[30:], "stderr") == [TotalSteps(6), TrainProgress(3, 6, 0.123, 2.5)]
     assert parser.feed("  ", "stderr") == []  # tqdm's padding: still the same bar
     glued = "2026-11-26 21:16:48 WARNING  hash missing    sai.py:1\n"
     assert parser.feed(glued, "stderr") == []  # the record may go on with continuation lines
@@ -283,7 +295,8 @@ def test_streams_keep_their_own_partial_lines() -> None:
 
 def test_open_record_is_emitted_at_flush() -> None:
     parser = KohyaOutputParser()
-    assert parser.feed("                    INFO     model saved.      train_network.py:1729\n", "stderr") == []
+    record = "                    INFO     model saved.      train_network.py:1729\n"
+    assert parser.feed(record, "stderr") == []
     assert parser.flush() == [TrainerLog("model saved.", "info", "stderr")]
 
 

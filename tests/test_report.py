@@ -92,9 +92,10 @@ def build(out: Path, rows: list[dict[str, Any]], csv_path: Path) -> Path:
     return build_report(out, csv_path, CONFIG, best, reason, {"training_s": 95.2, "total_s": 4000.0})
 
 
-@pytest.fixture
-def report(tmp_path: Path) -> Path:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once (plots cost CPU); tests that change the folder build their own."""
+    out = tmp_path_factory.mktemp("report") / "run"
     csv_path, rows = make_run(out)
     return build(out, rows, csv_path)
 
@@ -196,10 +197,12 @@ def test_bad_manifests_are_skipped(tmp_path: Path) -> None:
     assert ">prompt 2</th>" in text and ">missing</td>" in text
 
 
-def test_report_replaces_old_one(report: Path) -> None:
-    out = report.parent
+def test_report_replaces_old_one(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    csv_path, _ = make_run(out)
+    report = out / REPORT_NAME
     report.write_text("old")
-    path = build_report(out, out / "demo.csv", None, None)
+    path = build_report(out, csv_path, None, None)
     assert path == report and "LoRA training report" in report.read_text(encoding="utf-8")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

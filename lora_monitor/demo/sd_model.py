@@ -180,10 +180,11 @@ def build_tiny_sd(dir: Path, seed: int = 0, image_size: int = 64) -> Path:
 
     dir = Path(dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(build_clip_tokenizer(dir / "tokenizer")))
-    torch.manual_seed(seed)
-    unet = _make_unet(image_size // VAE_DOWNSCALE)
-    text_encoder = _make_text_encoder()
-    vae = _make_vae()
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        unet = _make_unet(image_size // VAE_DOWNSCALE)
+        text_encoder = _make_text_encoder()
+        vae = _make_vae()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

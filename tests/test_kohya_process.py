@@ -1,0 +1,613 @@
+"""kohya_process: arguments, preflight checks, and real subprocesses standing in for train_network.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors import safe_open
+
+from lora_monitor import kohya_process
+from lora_monitor.config import KohyaConfig
+from lora_monitor.errors import UserError
+from lora_monitor.events import CheckpointSaving, TrainerExited, TrainerLog, TrainProgress
+from lora_monitor.kohya_process import (
+    KohyaProcess,
+    build_argv,
+    effective_args,
+    exit_code,
+    preflight,
+    train_data_dirs,
+)
+from tests.kohya_replay import FIXTURE_OUT, SAVES, replay_plan
+from tests.test_output_parser import EXPECTED, PROGRESS
+
+REPLAY_SECONDS = 3.0  # the captured 238 s run, squeezed
+SAVE_SECONDS = 0.6  # each LoRA file is written over this long, in SAVE_PIECES writes
+SAVE_PIECES = 5
+
+# Replays a captured run: chunks at their (squeezed) times, LoRA files written in place, slowly.
+REPLAY_SCRIPT = r'''
+import json, sys, time
+from pathlib import Path
+
+
+def option(name):
+    return sys.argv[sys.argv.index("--" + name) + 1]
+
+
+def lora_bytes(steps, epoch):
+    meta = {"ss_steps": str(steps), "ss_epoch": str(epoch), "ss_output_name": "testlora"}
+    header, offset = {"__metadata__": meta}, 0
+    shapes = {"lora_unet_a.lora_down.weight": [4, 4096], "lora_unet_a.lora_up.weight": [4096, 4],
+              "lora_unet_a.alpha": []}
+    for name, shape in shapes.items():
+        size = 4 * (shape[0] * shape[1] if shape else 1)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + bytes(offset)
+
+
+def save(path, steps, epoch, seconds, pieces):
+    data = lora_bytes(steps, epoch)
+    with open(path, "wb") as f:  # in place, like kohya: no temporary name
+        for i in range(pieces):
+            f.write(data[i * len(data) // pieces:(i + 1) * len(data) // pieces])
+            f.flush()
+            time.sleep(seconds / pieces)
+
+
+out_dir = Path(option("output_dir"))
+plan = json.loads(Path(option("replay_plan")).read_text(encoding="utf-8"))
+start, lag = time.monotonic(), 0.0
+for action in plan["actions"]:
+    pause = start + action["t"] + lag - time.monotonic()
+    if pause > 0:
+        time.sleep(pause)
+    if "save" in action:
+        began = time.monotonic()
+        time.sleep(0.1)
+        save(out_dir / action["save"], action["ss_steps"], action["ss_epoch"], plan["save_s"], plan["pieces"])
+        lag += time.monotonic() - began
+        continue
+    data = action["data"].replace(plan["fixture_out"], str(out_dir)).encode("utf-8")
+    stream = sys.stdout.buffer if action["stream"] == "stdout" else sys.stderr.buffer
+    for i in range(0, len(data), 7):  # odd-sized writes: UTF-8 characters split across reads
+        stream.write(data[i:i + 7])
+        stream.flush()
+'''
+
+# Writes what it was given and how it runs to $ECHO_TO, then prints it.
+ECHO_SCRIPT = r'''
+import json, os, signal, sys
+report = {
+    "argv": sys.argv[1:],
+    "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
+    "columns": os.environ.get("COLUMNS"),
+    "extra": os.environ.get("EXTRA_VAR"),
+    "own_group": os.getpgid(0) == os.getpid(),
+    "sigint_default": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+    "cwd": os.getcwd(),
+}
+with open(os.environ["ECHO_TO"], "w", encoding="utf-8") as f:
+    json.dump(report, f, ensure_ascii=False)
+print(json.dumps(report, ensure_ascii=False))
+'''
+
+# Ignores SIGINT and SIGTERM, and so does a grandchild in the same process group.
+STUBBORN_SCRIPT = r'''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+code = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('grandchild up', flush=True); time.sleep(60)")
+subprocess.Popen([sys.executable, "-c", code])
+print("ready", flush=True)
+time.sleep(60)
+'''
+
+# Behaves like kohya on SIGINT: KeyboardInterrupt, traceback, exit.
+INTERRUPTIBLE_SCRIPT = r'''
+import time
+print("ready", flush=True)
+time.sleep(60)
+'''
+
+# All on stderr: the order of lines across the two pipes is not knowable.
+FAILING_SCRIPT = r'''
+import sys
+for i in range(25):
+    print(f"line {i}", file=sys.stderr)
+raise ValueError("boom")
+'''
+
+
+class Recorder:
+    """on_event target: keeps every event, with the output folder's file sizes when a save is announced."""
+
+    def __init__(self, out_dir: Path | None = None) -> None:
+        self.events: list[object] = []
+        self.sizes_at_announce: dict[str, int] = {}
+        self.out_dir = out_dir
+        self.lock = threading.Lock()
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, CheckpointSaving):
+            path = event.path
+            self.sizes_at_announce[path.name] = path.stat().st_size if path.exists() else -1
+        with self.lock:
+            self.events.append(event)
+
+    def logs(self) -> list[str]:
+        with self.lock:
+            return [e.text for e in self.events if isinstance(e, TrainerLog)]
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.logs():
+            assert time.monotonic() < deadline, f"no {text!r} in {self.logs()}"
+            time.sleep(0.05)
+
+
+def sd_scripts_with(tmp_path: Path, script: str, name: str = "train_network.py") -> Path:
+    folder = tmp_path / "sd-scripts"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(script, encoding="utf-8")
+    return folder
+
+
+def run_to_end(kohya: KohyaConfig, recorder: Recorder, env: dict[str, str] | None = None) -> KohyaProcess:
+    proc = KohyaProcess(build_argv(kohya), cwd=kohya.sd_scripts, on_event=recorder, env=env)
+    proc.start()
+    assert proc.wait(timeout=60) is not None, "the stand-in did not finish"
+    return proc
+
+
+def group_is_gone(pgid: int, timeout: float = 10.0) -> bool:
+    """Killed processes linger as zombies until init reaps them, so poll."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# -- a replayed kohya run -----------------------------------------------------------------------------------
+
+
+def test_replayed_run_gives_the_captured_steps_losses_epochs_and_saves(tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    plan = {"actions": replay_plan("run-python-u", REPLAY_SECONDS),
+            "fixture_out": FIXTURE_OUT["run-python-u"], "save_s": SAVE_SECONDS, "pieces": SAVE_PIECES}
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    kohya = KohyaConfig(sd_scripts=sd_scripts_with(tmp_path, REPLAY_SCRIPT),
+                        args={"output_dir": str(out_dir), "replay_plan": str(plan_path)})
+    recorder = Recorder(out_dir)
+    started = time.monotonic()
+    proc = run_to_end(kohya, recorder)
+    elapsed = time.monotonic() - started
+
+    events = recorder.events
+    assert isinstance(events[-1], TrainerExited) and events[-1].returncode == 0 and proc.returncode == 0
+    progress = [(e.step, e.loss) for e in events if isinstance(e, TrainProgress)]
+    assert progress == [(step, loss) for step, loss, _ in PROGRESS["run-python-u"]]
+    want = EXPECTED["run-python-u"]
+    assert proc.parser.loss_at_step == want["loss_at_step"]
+    assert proc.parser.epoch_at_step == want["epoch_at_step"]
+    saves = [e.path for e in events if isinstance(e, CheckpointSaving)]
+    assert saves == [out_dir / f"{name}.safetensors" for name in want["saves"]]
+    warnings = [e.text for e in events if isinstance(e, TrainerLog) and e.level == "warning"]
+    assert warnings == want["warnings"]  # the Japanese text survived 7-byte reads
+    assert not any("\ufffd" in text for text in recorder.logs())
+    # kohya announces a save before writing it: the file was absent or partial when the event arrived
+    full = {path.name: path.stat().st_size for path in saves}
+    assert all(recorder.sizes_at_announce[name] < full[name] for name in full)
+    for path in saves:
+        with safe_open(str(path), framework="numpy") as f:
+            assert (int(f.metadata()["ss_steps"]), int(f.metadata()["ss_epoch"])) == SAVES[path.name]
+    assert elapsed < REPLAY_SECONDS + len(saves) * (SAVE_SECONDS + 0.1) + 20
+
+
+# -- arguments passed literally ----------------------------------------------------------------------------
+
+
+def test_argv_is_passed_literally_and_child_runs_as_configured(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    victim = tmp_path / "sd-scripts" / "x"
+    sd_scripts = sd_scripts_with(tmp_path, ECHO_SCRIPT)
+    victim.write_text("still here", encoding="utf-8")
+    args: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out dir"),
+        "output_name": "a; echo hi",
+        "network_args": ["conv_dim=4", "$(rm -rf x)"],
+        "training_comment": "日本語 'single' \"double\" `tick` \\ *",
+        "learning_rate": 1e-4,
+        "cache_latents": True,
+        "flip_aug": False,
+    }
+    echo_to = tmp_path / "echo.json"
+    recorder = Recorder()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as when started from a background job
+    try:
+        proc = run_to_end(KohyaConfig(sd_scripts=sd_scripts, args=args), recorder,
+                          env={"ECHO_TO": str(echo_to), "EXTRA_VAR": "yes"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.returncode == 0
+    report = json.loads(echo_to.read_text(encoding="utf-8"))
+    assert report["argv"] == [
+        "--output_dir", str(tmp_path / "out dir"), "--output_name", "a; echo hi",
+        "--network_args", "conv_dim=4", "$(rm -rf x)",
+        "--training_comment", "日本語 'single' \"double\" `tick` \\ *",
+        "--learning_rate", "0.0001", "--cache_latents",
+    ]
+    assert report["unbuffered"] == "1" and report["columns"] == kohya_process.DEFAULT_COLUMNS
+    assert report["extra"] == "yes" and report["own_group"] and report["cwd"] == str(sd_scripts)
+    assert report["sigint_default"], "an ignored SIGINT leaked into kohya"
+    assert victim.read_text(encoding="utf-8") == "still here"
+    assert "hi" not in recorder.logs()
+
+
+# -- stopping ------------------------------------------------------------------------------------------------
+
+
+def test_stop_escalates_to_sigkill_and_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(kohya_process, "TERM_WAIT_S", 0.5)
+    recorder = Recorder()
+    proc = KohyaProcess(build_argv(KohyaConfig(sd_scripts=sd_scripts_with(tmp_path, STUBBORN_SCRIPT))),
+                        cwd=tmp_path, on_event=recorder)
+    proc.start()
+    recorder.wait_for_log("ready")
+    recorder.wait_for_log("grandchild up")
+    pgid = proc.pid
+    assert pgid is not None
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="lora_monitor.kohya_process"):
+        code = proc.stop(grace_s=0.5)
+    assert time.monotonic() - started < 10
+    assert code == 128 + signal.SIGKILL == proc.returncode
+    sent = [r.message.split()[1] for r in caplog.records if r.message.startswith("sending")]
+    assert sent == ["SIGINT", "SIGTERM", "SIGKILL"]
+    assert group_is_gone(pgid), "a process of kohya's group survived"
+    assert recorder.events[-1] == TrainerExited(137, tuple(proc.parser.last_lines))
+    assert proc.wait(timeout=0) == 137
+
+
+def test_stop_with_sigint_is_enough_for_a_python_trainer(tmp_path: Path) -> None:
+    recorder = Recorder()
+    proc = KohyaProcess(build_argv(KohyaConfig(sd_scripts=sd_scripts_with(tmp_path, INTERRUPTIBLE_SCRIPT))),
+                        cwd=tmp_path, on_event=recorder)
+    proc.start()
+    recorder.wait_for_log("ready")
+    assert proc.returncode is None
+    code = proc.stop(grace_s=20)
+    assert code == 130  # KeyboardInterrupt: Python ends itself with SIGINT
+    exited = recorder.events[-1]
+    assert isinstance(exited, TrainerExited) and exited.last_lines[-1] == "KeyboardInterrupt"
+    assert any(e.level == "error" and e.text.startswith("KeyboardInterrupt")
+               for e in recorder.events if isinstance(e, TrainerLog))
+    assert group_is_gone(proc.pid or 0)
+
+
+def test_failed_trainer_reports_its_code_and_last_lines(tmp_path: Path) -> None:
+    recorder = Recorder()
+    proc = run_to_end(KohyaConfig(sd_scripts=sd_scripts_with(tmp_path, FAILING_SCRIPT)), recorder)
+    exited = recorder.events[-1]
+    assert isinstance(exited, TrainerExited)
+    assert exited.returncode == 1 == proc.returncode
+    assert len(exited.last_lines) == 20 and exited.last_lines[-1] == "ValueError: boom"
+    assert "line 24" in exited.last_lines
+    assert sum(isinstance(e, TrainerExited) for e in recorder.events) == 1
+
+
+def test_start_with_a_missing_python_is_a_user_error(tmp_path: Path) -> None:
+    proc = KohyaProcess([str(tmp_path / "no-python"), "-u", "x.py"], cwd=tmp_path, on_event=lambda e: None)
+    with pytest.raises(UserError, match="cannot start kohya"):
+        proc.start()
+
+
+def test_a_failing_event_handler_does_not_stop_reading(tmp_path: Path) -> None:
+    seen: list[object] = []
+
+    def handler(event: object) -> None:
+        seen.append(event)
+        raise RuntimeError("consumer bug")
+
+    proc = KohyaProcess(build_argv(KohyaConfig(sd_scripts=sd_scripts_with(tmp_path, FAILING_SCRIPT))),
+                        cwd=tmp_path, on_event=handler)
+    proc.start()
+    assert proc.wait(timeout=30) == 1
+    assert isinstance(seen[-1], TrainerExited) and len(seen) > 25
+
+
+@pytest.mark.parametrize(("returncode", "expected"), [(0, 0), (1, 1), (-2, 130), (-9, 137), (-15, 143)])
+def test_exit_code(returncode: int, expected: int) -> None:
+    assert exit_code(returncode) == expected
+
+
+# -- build_argv --------------------------------------------------------------------------------
+
+SD = Path("/opt/sd-scripts")
+
+
+@pytest.mark.parametrize(
+    ("kohya", "expected"),
+    [
+        (KohyaConfig(sd_scripts=SD, python="/py"), ["/py", "-u", "/opt/sd-scripts/train_network.py"]),
+        (KohyaConfig(sd_scripts=SD, python="/py", sdxl=True),
+         ["/py", "-u", "/opt/sd-scripts/sdxl_train_network.py"]),
+        (KohyaConfig(sd_scripts=SD, python="/py", script="flux_train_network.py"),
+         ["/py", "-u", "/opt/sd-scripts/flux_train_network.py"]),
+        (KohyaConfig(sd_scripts=SD, python="/py", script="/elsewhere/t.py"),
+         ["/py", "-u", "/elsewhere/t.py"]),
+        (KohyaConfig(sd_scripts=SD, python="/py", args={
+            "max_train_steps": 200, "learning_rate": 3e-4, "unet_lr": 1e-05, "cache_latents": True,
+            "flip_aug": False, "resolution": "512,512", "network_args": ["conv_dim=4", "conv_alpha=1"],
+            "optimizer_args": [], "seed": 0,
+         }),
+         ["/py", "-u", "/opt/sd-scripts/train_network.py", "--max_train_steps", "200",
+          "--learning_rate", "0.0003", "--unet_lr", "1e-05", "--cache_latents", "--resolution", "512,512",
+          "--network_args", "conv_dim=4", "conv_alpha=1", "--seed", "0"]),
+        (KohyaConfig(sd_scripts=SD, python="/py", args={"output_dir": "/o/with space", "x": "-1"}),
+         ["/py", "-u", "/opt/sd-scripts/train_network.py", "--output_dir", "/o/with space", "--x", "-1"]),
+    ],
+)
+def test_build_argv(kohya: KohyaConfig, expected: list[str]) -> None:
+    assert build_argv(kohya) == expected
+
+
+def test_build_argv_defaults_to_this_python() -> None:
+    assert build_argv(KohyaConfig(sd_scripts=SD))[:2] == [sys.executable, "-u"]
+
+
+def test_build_argv_accelerate_uses_the_venvs_accelerate(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "accelerate").write_text("#!/bin/sh\n")
+    (bin_dir / "accelerate").chmod(0o755)
+    kohya = KohyaConfig(sd_scripts=SD, python=str(bin_dir / "python"), launcher="accelerate",
+                        accelerate={"num_processes": 1, "mixed_precision": "bf16",
+                                    "num_cpu_threads_per_process": 1},
+                        args={"seed": 1})
+    assert build_argv(kohya) == [
+        str(bin_dir / "accelerate"), "launch", "--num_processes", "1", "--mixed_precision", "bf16",
+        "--num_cpu_threads_per_process", "1", "/opt/sd-scripts/train_network.py", "--seed", "1",
+    ]
+    (bin_dir / "accelerate").unlink()
+    monkeypatch.setattr(kohya_process.shutil, "which", lambda name: None)
+    assert build_argv(kohya)[:4] == [str(bin_dir / "python"), "-m", "accelerate.commands.accelerate_cli",
+                                     "launch"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"network_args": {"a": 1}}, r"kohya.args.network_args = \{'a': 1\}"),
+        ({"network_args": [True]}, "kohya.args.network_args = True"),
+        ({"--seed": 1}, "not an option name"),
+        ({"a b": 1}, "not an option name"),
+    ],
+)
+def test_build_argv_rejects_what_argparse_cannot_take(args: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build_argv(KohyaConfig(sd_scripts=SD, python="/py", args=args))
+
+
+def test_build_argv_rejects_unknown_launcher() -> None:
+    with pytest.raises(UserError, match="kohya.launcher"):
+        build_argv(KohyaConfig(sd_scripts=SD, launcher="torchrun"))
+
+
+# -- effective_args and train_data_dirs ------------------------------------------------------------
+
+KOHYA_TOML = """
+top_level = "kept"
+[model_arguments]
+pretrained_model_name_or_path = "runwayml/stable-diffusion-v1-5"
+[saving_arguments]
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+[training_arguments]
+learning_rate = 1e-4
+cache_latents = true
+max_train_steps = 100
+"""
+
+
+@pytest.mark.parametrize(
+    ("cli", "expected"),
+    [
+        ({}, {"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5", "save_every_n_epochs": 1,
+              "save_model_as": "safetensors", "learning_rate": 1e-4, "cache_latents": True,
+              "max_train_steps": 100, "top_level": "kept"}),
+        ({"max_train_steps": 7, "learning_rate": 2e-4}, {"max_train_steps": 7, "learning_rate": 2e-4}),
+        ({"cache_latents": False}, {"cache_latents": True}),  # false is never passed, so the file wins
+        ({"flip_aug": False}, {"flip_aug": False}),
+    ],
+)
+def test_effective_args_merges_kohyas_config_file(tmp_path: Path, cli: dict[str, Any],
+                                                  expected: dict[str, Any]) -> None:
+    (tmp_path / "kohya.toml").write_text(KOHYA_TOML, encoding="utf-8")
+    kohya = KohyaConfig(sd_scripts=tmp_path, args={"config_file": str(tmp_path / "kohya"), **cli})
+    merged = effective_args(kohya)
+    assert {key: merged[key] for key in expected} == expected
+    assert merged["config_file"] == str(tmp_path / "kohya")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "not found"), ("a = [", "not valid TOML")],
+)
+def test_effective_args_bad_config_file(tmp_path: Path, content: str | None, message: str) -> None:
+    if content is not None:
+        (tmp_path / "k.toml").write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        effective_args(KohyaConfig(sd_scripts=tmp_path, args={"config_file": str(tmp_path / "k.toml")}))
+
+
+def test_train_data_dirs_from_dataset_config(tmp_path: Path) -> None:
+    (tmp_path / "datasets.toml").write_text(
+        """
+[general]
+caption_extension = ".txt"
+[[datasets]]
+resolution = 512
+  [[datasets.subsets]]
+  image_dir = "images/dress"
+  [[datasets.subsets]]
+  image_dir = "/abs/reg"
+  is_reg = true
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "/abs/more"
+  [[datasets.subsets]]
+  image_dir = "images/dress"
+""", encoding="utf-8")
+    kohya = KohyaConfig(sd_scripts=tmp_path, args={"dataset_config": str(tmp_path / "datasets.toml"),
+                                                   "train_data_dir": "/ignored"})
+    assert train_data_dirs(kohya) == [tmp_path / "images" / "dress", Path("/abs/more")]
+
+
+def test_train_data_dirs_from_json_dataset_config(tmp_path: Path) -> None:
+    (tmp_path / "d.json").write_text(json.dumps({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}))
+    kohya = KohyaConfig(sd_scripts=tmp_path, args={"dataset_config": str(tmp_path / "d.json")})
+    assert train_data_dirs(kohya) == [Path("/a")]
+
+
+def test_train_data_dirs_dreambooth_folders(tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    for name in ("10_garment", "1_red dress", "0_skipped", "norepeats", "x_1"):
+        (train / name).mkdir(parents=True)
+    (train / "5_file.txt").write_text("")
+    kohya = KohyaConfig(sd_scripts=tmp_path, args={"train_data_dir": str(train)})
+    assert train_data_dirs(kohya) == [train / "10_garment", train / "1_red dress"]
+    kohya = KohyaConfig(sd_scripts=tmp_path, args={"train_data_dir": str(train), "in_json": "/m.json"})
+    assert train_data_dirs(kohya) == [train]
+
+
+# -- preflight -----------------------------------------------------------------------------------------------
+
+
+def good_setup(tmp_path: Path, **args: Any) -> KohyaConfig:
+    sd = tmp_path / "sd-scripts"
+    sd.mkdir(exist_ok=True)
+    (sd / "train_network.py").write_text("")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")
+    base = {"output_dir": str(tmp_path / "out"), "pretrained_model_name_or_path": str(model),
+            "save_every_n_steps": 10}
+    return KohyaConfig(sd_scripts=sd, args={k: v for k, v in {**base, **args}.items() if v is not None})
+
+
+def test_preflight_passes_and_creates_the_output_dir(tmp_path: Path) -> None:
+    assert preflight(good_setup(tmp_path)) == []
+    assert (tmp_path / "out").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("no_sd_scripts", "kohya.sd_scripts"),
+        ("no_script", "missing.py not found"),
+        ("sdxl_script_missing", "sdxl_train_network.py not found"),
+        ("missing_python", "kohya.python"),
+        ("output_is_file", "is a file"),
+        ("output_under_file", "cannot be created"),
+        ("no_output", "output_dir is not set"),
+        ("model_missing_abs", "pretrained_model_name_or_path .*not found"),
+        ("model_missing_file_name", "pretrained_model_name_or_path .*not found"),
+        ("model_missing_bare", "pretrained_model_name_or_path .*not found"),
+        ("model_missing_tilde", "pretrained_model_name_or_path .*not found"),
+        ("no_model", "pretrained_model_name_or_path is not set"),
+        ("ckpt", "save_model_as = 'ckpt'"),
+        ("dataset_config_missing", "dataset_config .* not found"),
+    ],
+)
+def test_preflight_errors(tmp_path: Path, change: str, message: str) -> None:
+    kohya = good_setup(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    changes: dict[str, KohyaConfig] = {
+        "no_sd_scripts": KohyaConfig(sd_scripts=tmp_path / "nope", args=kohya.args),
+        "no_script": KohyaConfig(sd_scripts=kohya.sd_scripts, script="missing.py", args=kohya.args),
+        "sdxl_script_missing": KohyaConfig(sd_scripts=kohya.sd_scripts, sdxl=True, args=kohya.args),
+        "missing_python": KohyaConfig(sd_scripts=kohya.sd_scripts, python=str(tmp_path / "py"),
+                                      args=kohya.args),
+        "output_is_file": good_setup(tmp_path, output_dir=str(blocker)),
+        "output_under_file": good_setup(tmp_path, output_dir=str(blocker / "out")),
+        "no_output": good_setup(tmp_path, output_dir=None),
+        "model_missing_abs": good_setup(tmp_path, pretrained_model_name_or_path="/no/such/model"),
+        "model_missing_file_name": good_setup(tmp_path,
+                                              pretrained_model_name_or_path="models/sd15.safetensors"),
+        "model_missing_bare": good_setup(tmp_path, pretrained_model_name_or_path="sd15"),
+        "model_missing_tilde": good_setup(tmp_path, pretrained_model_name_or_path="~/models/sd15"),
+        "no_model": good_setup(tmp_path, pretrained_model_name_or_path=None),
+        "ckpt": good_setup(tmp_path, save_model_as="ckpt"),
+        "dataset_config_missing": good_setup(tmp_path, dataset_config=str(tmp_path / "d.toml")),
+    }
+    with pytest.raises(UserError, match=message):
+        preflight(changes[change])
+
+
+@pytest.mark.parametrize("model", ["runwayml/stable-diffusion-v1-5", "stabilityai/sdxl-base_1.0"])
+def test_preflight_does_not_check_hub_ids(tmp_path: Path, model: str) -> None:
+    assert preflight(good_setup(tmp_path, pretrained_model_name_or_path=model)) == []
+
+
+def test_preflight_accepts_a_relative_model_in_kohyas_folder(tmp_path: Path) -> None:
+    kohya = good_setup(tmp_path, pretrained_model_name_or_path="models/sd15")
+    (kohya.sd_scripts / "models" / "sd15").mkdir(parents=True)
+    assert preflight(kohya) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "count"),
+    [
+        ({"save_every_n_steps": None}, 1),
+        ({"save_every_n_steps": None, "save_every_n_epochs": 1}, 0),
+        ({}, 0),
+    ],
+)
+def test_preflight_warns_without_save_cadence(tmp_path: Path, args: dict[str, Any], count: int) -> None:
+    warnings = preflight(good_setup(tmp_path, **args))
+    assert len(warnings) == count
+    assert all("only the final LoRA" in w for w in warnings)
+
+
+def test_preflight_reads_kohyas_config_file(tmp_path: Path) -> None:
+    (tmp_path / "k.toml").write_text('[s]\nsave_model_as = "pt"\n', encoding="utf-8")
+    with pytest.raises(UserError, match="save_model_as = 'pt'"):
+        preflight(good_setup(tmp_path, config_file=str(tmp_path / "k.toml")))
+    (tmp_path / "k.toml").write_text("[s]\ncache_latents = true\nsave_every_n_epochs = 2\n", encoding="utf-8")
+    warnings = preflight(good_setup(tmp_path, config_file=str(tmp_path / "k.toml"), cache_latents=False))
+    assert len(warnings) == 1 and "kohya.args.cache_latents = False cannot override True" in warnings[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_preflight_unwritable_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="not writable"):
+            preflight(good_setup(tmp_path, output_dir=str(out)))
+    finally:
+        out.chmod(0o700)
