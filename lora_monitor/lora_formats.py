@@ -13,9 +13,9 @@ Layouts read (facts from the trainers' save code):
   (`attn1.processor.to_q_lora`). Keys are rewritten to the peft form with the LoRA scale alpha/rank folded
   into `lora_B`, since a state dict handed to diffusers carries no alphas (diffusers' own metadata lives
   in the file header, which the caller passes as `metadata`).
-- original / ComfyUI (OneTrainer "ORIGINAL", "COMFY"): `diffusion_model.input_blocks.1.1.proj_in.lora_A.weight`
-  (or without the prefix), `.alpha`, text encoders as `text_encoders.clip_l.transformer.`; mapped to
-  diffusers module names here.
+- original / ComfyUI (OneTrainer "ORIGINAL", "COMFY"): LDM UNet names such as
+  `diffusion_model.input_blocks.1.1.proj_in.lora_A.weight` (ORIGINAL: without the prefix), `.alpha`,
+  text encoders as `text_encoders.clip_l.transformer.`; mapped to diffusers module names here.
 
 Refused with `NotALoraError`: LyCORIS LoHa / LoKr / OFT / Tucker (`lora_mid`) / full-weight diffs, DoRA
 (diffusers' SD/SDXL loaders drop its magnitude, so images would be wrong), transformer-model LoRAs
@@ -86,6 +86,9 @@ def _refuse_unsupported(keys: list[str]) -> None:
         raise NotALoraError("a LoRA for a transformer model (Flux / SD3 / ...), not SD 1.x / SDXL")
 
 
+_ORIGINAL_ROOTS = ("diffusion_model.", "input_blocks.", "middle_block.", "output_blocks.")
+
+
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
     """'kohya', 'peft' or 'original' (LDM names); NotALoraError for anything else (the text says why)."""
     keys = [k for k in state if not k.startswith(BUNDLED_EMBEDDING_PREFIX)]
@@ -99,7 +102,7 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         odd = next(k for k in keys if not k.startswith(KOHYA_PREFIXES))
         raise NotALoraError(f"kohya-style LoRA with an unexpected key {odd!r}")
-    if any(k.startswith(("diffusion_model.", "input_blocks.", "middle_block.", "output_blocks.")) for k in keys):
+    if any(k.startswith(_ORIGINAL_ROOTS) for k in keys):
         return "original"
     return "peft"
 
@@ -150,8 +153,9 @@ _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out"
 
 def _split_peft_key(key: str) -> tuple[_Module, str]:
     """('unet', module path), role — or NotALoraError for a key that fits no known peft form."""
-    for suffix, role in _PEFT_SUFFIXES:
+    for suffix, suffix_role in _PEFT_SUFFIXES:
         if key.endswith(suffix):
+            role = suffix_role
             stem = key[: -len(suffix)] + ("_lora" if suffix.startswith("_lora") else "")
             break
     else:
@@ -207,7 +211,9 @@ def _peft_scale(module: _Module, rank: int, alpha: float | None, meta: dict[str,
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
-def _normalize_peft(state: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+def _normalize_peft(
+    state: dict[str, torch.Tensor], metadata: dict[str, str] | None
+) -> dict[str, torch.Tensor]:
     parts: dict[_Module, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, role = _split_peft_key(key)
@@ -263,8 +269,10 @@ def ldm_to_diffusers_unet(module: str, layers_per_block: int = SD_LAYERS_PER_BLO
     if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", module):
         n, sub, leaf = int(m[1]), int(m[2]), m[3]
         level, j = divmod(n - 1, per)
+        if j == layers_per_block and sub == 0 and leaf in ("op", "conv"):
+            return f"down_blocks.{level}.downsamplers.0.conv"
         if j == layers_per_block:
-            return f"down_blocks.{level}.downsamplers.0.{'conv' if leaf == 'op' else leaf}"
+            raise NotALoraError(f"unrecognised UNet layer {module!r} in an original-layout LoRA")
         if sub == 0:
             return f"down_blocks.{level}.resnets.{j}.{_resnet_leaf(leaf, module)}"
         if sub == 1:
@@ -316,7 +324,7 @@ def normalize_lora_state(
     *,
     layers_per_block: int = SD_LAYERS_PER_BLOCK,
 ) -> dict[str, torch.Tensor]:
-    """A state dict that diffusers' `load_lora_weights` loads into SD 1.x / SDXL pipelines, every module applied.
+    """A state dict that diffusers' `load_lora_weights` loads fully into SD 1.x / SDXL pipelines.
 
     `metadata` is the safetensors header metadata (diffusers keeps its LoRA alphas there). kohya-layout
     files are returned as they are (diffusers converts them, SDXL's sgm UNet names with the pipeline's

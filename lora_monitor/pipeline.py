@@ -62,9 +62,22 @@ def resolve_prompts(config: Config, references: list[Path]) -> list[Prompt]:
     return prompts
 
 
+def quiet_libraries() -> None:
+    """Progress bars of diffusers/transformers/hf-hub would garble the live table and the plain log."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
 def build_models(config: Config, out_root: Path, sdxl: bool = False) -> Models:
     import torch
 
+    quiet_libraries()
     from lora_monitor.evaluator import Evaluator, load_pipeline, resolve_device
     from lora_monitor.metrics import Scorer
     from lora_monitor.references import find_reference_images

@@ -33,8 +33,10 @@ LOSS_WAIT_S = 60.0  # longest a finished evaluation waits for kohya's post-save 
 
 
 def schedule_of(config: Config) -> EvalSchedule:
-    dynamic = [(int(a), int(b)) for a, b in config.eval.dynamic_schedule] if config.eval.dynamic_schedule else None
-    return EvalSchedule(every_n_steps=config.eval.every_n_steps, dynamic=dynamic)
+    """[eval] every_n_steps or dynamic_schedule; with neither, every checkpoint kohya saves is evaluated."""
+    if config.eval.dynamic_schedule:
+        return EvalSchedule(dynamic=[(int(a), int(b)) for a, b in config.eval.dynamic_schedule])
+    return EvalSchedule(every_n_steps=config.eval.every_n_steps or 1)
 
 
 def ready_of(path: Path, output_name: str | None) -> ev.CheckpointReady:

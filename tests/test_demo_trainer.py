@@ -92,7 +92,10 @@ def test_tiny_sd_loads_and_its_vae_is_near_identity(base_model: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(str(base_model))
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.prediction_type == "sample"
-    assert pipe.unet.config.block_out_channels == (32, 64) or list(pipe.unet.config.block_out_channels) == [32, 64]
+    assert pipe.unet.config.block_out_channels == (32, 64) or list(pipe.unet.config.block_out_channels) == [
+        32,
+        64,
+    ]
     assert pipe.text_encoder.config.hidden_size == 32
     # an image that is constant on 4x4 blocks survives the VAE round trip
     g = torch.Generator().manual_seed(0)
@@ -107,8 +110,11 @@ def test_tiny_sd_loads_and_its_vae_is_near_identity(base_model: Path) -> None:
 
 def test_tiny_sd_is_deterministic(base_model: Path, tmp_path: Path) -> None:
     again = build_tiny_sd(tmp_path / "again", seed=0, image_size=SIZE)
-    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "text_encoder/model.safetensors"):
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
         assert (again / part).read_bytes() == (base_model / part).read_bytes(), part
     other = build_tiny_sd(tmp_path / "other", seed=1, image_size=SIZE)
     unet = "unet/diffusion_pytorch_model.safetensors"
@@ -142,8 +148,11 @@ def test_dataset_layout_and_captions(data_dir: Path) -> None:
 
 @pytest.mark.parametrize("index", range(len(CAPTIONS)))
 def test_prompt_file_uses_kohya_options(data_dir: Path, index: int) -> None:
-    lines = [ln for ln in prompts_path(data_dir).read_text(encoding="utf-8").splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in prompts_path(data_dir).read_text(encoding="utf-8").splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert len(lines) == len(CAPTIONS)
     prompt, *options = re.split(r"\s+--", lines[index])
     assert TRIGGER in prompt
@@ -165,8 +174,9 @@ def test_prompt_file_uses_kohya_options(data_dir: Path, index: int) -> None:
         ([[2.0, 2.0, 2.0], [8.0]], [2.0, 2.0, 2.0, 4.0]),
     ],
 )
-def test_loss_recorder_is_a_moving_average_over_one_epoch(losses_per_epoch: list[list[float]],
-                                                           expected: list[float]) -> None:
+def test_loss_recorder_is_a_moving_average_over_one_epoch(
+    losses_per_epoch: list[list[float]], expected: list[float]
+) -> None:
     rec = tn.LossRecorder()
     seen = []
     for epoch, losses in enumerate(losses_per_epoch):
@@ -180,7 +190,9 @@ def test_loss_recorder_is_a_moving_average_over_one_epoch(losses_per_epoch: list
     ("every", "last_n", "step", "expected"),
     [(2, None, 6, None), (2, 2, 4, 0), (2, 2, 6, 2), (10, 30, 50, 10), (10, 30, 30, None), (25, 50, 100, 25)],
 )
-def test_remove_step_no_follows_kohya(every: int, last_n: int | None, step: int, expected: int | None) -> None:
+def test_remove_step_no_follows_kohya(
+    every: int, last_n: int | None, step: int, expected: int | None
+) -> None:
     args = type("A", (), {"save_every_n_steps": every, "save_last_n_steps": last_n})()
     assert tn.remove_step_no(args, step) == expected
 
@@ -189,17 +201,24 @@ def test_remove_step_no_follows_kohya(every: int, last_n: int | None, step: int,
     ("every", "last_n", "epoch", "expected"),
     [(1, None, 3, None), (1, 2, 3, 1), (1, 2, 1, None), (2, 2, 6, 2)],
 )
-def test_remove_epoch_no_follows_kohya(every: int, last_n: int | None, epoch: int, expected: int | None) -> None:
+def test_remove_epoch_no_follows_kohya(
+    every: int, last_n: int | None, epoch: int, expected: int | None
+) -> None:
     args = type("A", (), {"save_every_n_epochs": every, "save_last_n_epochs": last_n})()
     assert tn.remove_epoch_no(args, epoch) == expected
 
 
-@pytest.mark.parametrize(("n_images", "repeats", "batch", "n_batches"), [(4, 1, 2, 2), (8, 10, 4, 20), (3, 2, 4, 2)])
-def test_epoch_batches_cover_every_repeat_once(n_images: int, repeats: int, batch: int, n_batches: int) -> None:
+@pytest.mark.parametrize(
+    ("n_images", "repeats", "batch", "n_batches"), [(4, 1, 2, 2), (8, 10, 4, 20), (3, 2, 4, 2)]
+)
+def test_epoch_batches_cover_every_repeat_once(
+    n_images: int, repeats: int, batch: int, n_batches: int
+) -> None:
     import random
 
-    subset = tn.Subset(Path("x"), repeats, "dress", tuple(Path(f"{i}.png") for i in range(n_images)),
-                       ("c",) * n_images)
+    subset = tn.Subset(
+        Path("x"), repeats, "dress", tuple(Path(f"{i}.png") for i in range(n_images)), ("c",) * n_images
+    )
     batches = tn.make_epoch_batches([subset], batch, random.Random(0))
     assert len(batches) == n_batches
     flat = sorted(i for b in batches for i in b)
@@ -211,12 +230,28 @@ def test_epoch_batches_cover_every_repeat_once(n_images: int, repeats: int, batc
 
 def run_trainer(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
-    return subprocess.run([sys.executable, "-u", str(TRAINER), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-u", str(TRAINER), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-BASE_FLAGS = ["--network_module", "networks.lora", "--resolution", "32,32", "--pretrained_model_name_or_path", "m",
-              "--train_data_dir", "d", "--output_dir", "o"]
+BASE_FLAGS = [
+    "--network_module",
+    "networks.lora",
+    "--resolution",
+    "32,32",
+    "--pretrained_model_name_or_path",
+    "m",
+    "--train_data_dir",
+    "d",
+    "--output_dir",
+    "o",
+]
 
 
 @pytest.mark.parametrize(
@@ -246,13 +281,45 @@ def trained(base_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathF
     work = tmp_path_factory.mktemp("run")
     out = work / "out"
     args = [
-        "--pretrained_model_name_or_path", str(base_model), "--train_data_dir", str(data_dir),
-        "--caption_extension", ".txt", "--resolution", f"{SIZE},{SIZE}", "--network_module", "networks.lora",
-        "--network_dim", "4", "--output_dir", str(out), "--output_name", "t", "--save_every_n_steps", "2",
-        "--save_every_n_epochs", "1", "--save_last_n_steps", "2", "--max_train_steps", "6",
-        "--learning_rate", "1e-3", "--train_batch_size", "2", "--mixed_precision", "no",
-        "--save_model_as", "safetensors", "--cache_latents", "--max_data_loader_n_workers", "0",
-        "--seed", "42", "--logging_dir", str(work / "logs"),
+        "--pretrained_model_name_or_path",
+        str(base_model),
+        "--train_data_dir",
+        str(data_dir),
+        "--caption_extension",
+        ".txt",
+        "--resolution",
+        f"{SIZE},{SIZE}",
+        "--network_module",
+        "networks.lora",
+        "--network_dim",
+        "4",
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "t",
+        "--save_every_n_steps",
+        "2",
+        "--save_every_n_epochs",
+        "1",
+        "--save_last_n_steps",
+        "2",
+        "--max_train_steps",
+        "6",
+        "--learning_rate",
+        "1e-3",
+        "--train_batch_size",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--save_model_as",
+        "safetensors",
+        "--cache_latents",
+        "--max_data_loader_n_workers",
+        "0",
+        "--seed",
+        "42",
+        "--logging_dir",
+        str(work / "logs"),
     ]
     result = run_trainer(args, work)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -276,9 +343,20 @@ def expected_stdout(out: Path) -> str:
         "  batch size per device / バッチサイズ: 2",
         "  gradient accumulation steps / 勾配を合計するステップ数 = 1",
         "  total optimization steps / 学習ステップ数: 6",
-        "", "epoch 1/3", "", *save("t-step00000002.safetensors"), *save("t-000001.safetensors"),
-        "", "epoch 2/3", "", *save("t-step00000004.safetensors"), *save("t-000002.safetensors"),
-        "", "epoch 3/3", "", *save("t-step00000006.safetensors"),
+        "",
+        "epoch 1/3",
+        "",
+        *save("t-step00000002.safetensors"),
+        *save("t-000001.safetensors"),
+        "",
+        "epoch 2/3",
+        "",
+        *save("t-step00000004.safetensors"),
+        *save("t-000002.safetensors"),
+        "",
+        "epoch 3/3",
+        "",
+        *save("t-step00000006.safetensors"),
         f"removing old checkpoint: {out / 't-step00000002.safetensors'}",
         *save("t.safetensors"),
     ]
@@ -292,8 +370,11 @@ def test_run_stdout_is_kohyas(trained: dict) -> None:
 def test_run_progress_bar_is_kohyas(trained: dict) -> None:
     segments = [s for s in re.split(r"[\r\n]", trained["stderr"]) if s.startswith("steps:")]
     assert segments[0].startswith("steps:   0%|          | 0/6 [00:00<?, ?it/s]")
-    shown = [(int(m.group(1)), m.group(2)) for s in segments
-             if (m := re.search(r"\| (\d+)/6 \[[^,\]]*, [^,\]]*(?:, avr_loss=([0-9.e+-]+))?\]", s))]
+    shown = [
+        (int(m.group(1)), m.group(2))
+        for s in segments
+        if (m := re.search(r"\| (\d+)/6 \[[^,\]]*, [^,\]]*(?:, avr_loss=([0-9.e+-]+))?\]", s))
+    ]
     # each step is drawn with the previous average, then redrawn with the updated one
     for step in range(1, 7):
         values = [avr for n, avr in shown if n == step]
@@ -309,8 +390,13 @@ def test_run_files_and_metadata(trained: dict) -> None:
 
     out: Path = trained["out"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["t-000001.safetensors", "t-000002.safetensors", "t-step00000004.safetensors",
-                     "t-step00000006.safetensors", "t.safetensors"]
+    assert names == [
+        "t-000001.safetensors",
+        "t-000002.safetensors",
+        "t-step00000004.safetensors",
+        "t-step00000006.safetensors",
+        "t.safetensors",
+    ]
     expected = {  # file: (ss_steps, ss_epoch) -- 0-based epoch in step files, 1-based otherwise
         "t-000001.safetensors": ("2", "1"),
         "t-000002.safetensors": ("4", "2"),
@@ -323,10 +409,16 @@ def test_run_files_and_metadata(trained: dict) -> None:
             meta = f.metadata()
             keys = list(f.keys())
         assert (meta["ss_steps"], meta["ss_epoch"]) == (steps, epoch), name
-        assert meta["ss_output_name"] == "t" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "1"
+        assert (
+            meta["ss_output_name"] == "t"
+            and meta["ss_network_dim"] == "4"
+            and meta["ss_network_alpha"] == "1"
+        )
         assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
         assert meta["ss_learning_rate"] == "0.001" and meta["ss_max_train_steps"] == "6"
-        assert meta["ss_num_epochs"] == "3" and meta["ss_seed"] == "42" and meta["ss_resolution"] == "(32, 32)"
+        assert (
+            meta["ss_num_epochs"] == "3" and meta["ss_seed"] == "42" and meta["ss_resolution"] == "(32, 32)"
+        )
         assert float(meta["ss_training_started_at"]) > 1e9
         assert all(re.fullmatch(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in keys)
         assert {"lora_unet_conv_in.lora_down.weight", "lora_unet_conv_out.lora_up.weight"} <= set(keys)

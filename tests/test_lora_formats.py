@@ -174,8 +174,12 @@ def comfy(unet: dict, te: dict) -> tuple[dict, None]:
     """OneTrainer COMFY: diffusion_model.<LDM name>.lora_A/B + .alpha; text_encoders.clip_l.transformer."""
     state = {}
     for (c, p), (d, u) in _modules(unet, te).items():
-        name = f"diffusion_model.{_tiny_sd_ldm_name(p)}" if c == "unet" else f"text_encoders.clip_l.transformer.{p}"
-        state |= {f"{name}.lora_A.weight": d, f"{name}.lora_B.weight": u, f"{name}.alpha": torch.tensor(ALPHA)}
+        if c == "unet":
+            name = f"diffusion_model.{_tiny_sd_ldm_name(p)}"
+        else:
+            name = f"text_encoders.clip_l.transformer.{p}"
+        state |= {f"{name}.lora_A.weight": d, f"{name}.lora_B.weight": u}
+        state[f"{name}.alpha"] = torch.tensor(ALPHA)
     return state, None
 
 
@@ -210,7 +214,7 @@ def test_layout_loads_like_reference(sd: dict, layout: str) -> None:
 def test_reference_covers_unet_locon_and_text_encoder(sd: dict) -> None:
     kohya = sd["kohya"]
     assert sd["counts"]["text_encoder"] == 2 * 6  # 2 layers x q, k, v, out, fc1, fc2
-    conv3x3 = [k for k, v in kohya.items() if k.endswith("lora_down.weight") and v.ndim == 4 and v.shape[-1] == 3]
+    conv3x3 = [k for k, v in kohya.items() if k.endswith("down.weight") and v.ndim == 4 and v.shape[-1] == 3]
     assert conv3x3  # LoCon layers are part of the check
     text = describe_lora(kohya)
     assert text.startswith(f"kohya LoRA, rank {RANK}, {sum(sd['counts'].values())} modules")
@@ -235,22 +239,25 @@ def test_bundled_embedding_is_reported(sd: dict, caplog: pytest.LogCaptureFixtur
     assert describe_lora(state).endswith("bundled embeddings ignored")
 
 
+_BLOCK0 = "transformer_blocks.0"
+
+
 @pytest.mark.parametrize(
     ("ldm", "diffusers_path"),
     [  # SD 1.x / SDXL layout: 2 layers per block
         ("input_blocks.0.0", "conv_in"),
         ("input_blocks.1.0.in_layers.2", "down_blocks.0.resnets.0.conv1"),
-        ("input_blocks.2.1.transformer_blocks.0.attn1.to_q", "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"),
+        (f"input_blocks.2.1.{_BLOCK0}.attn1.to_q", f"down_blocks.0.attentions.1.{_BLOCK0}.attn1.to_q"),
         ("input_blocks.3.0.op", "down_blocks.0.downsamplers.0.conv"),
         ("input_blocks.4.0.skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
         ("input_blocks.8.1.proj_out", "down_blocks.2.attentions.1.proj_out"),
         ("middle_block.0.emb_layers.1", "mid_block.resnets.0.time_emb_proj"),
-        ("middle_block.1.transformer_blocks.3.ff.net.2", "mid_block.attentions.0.transformer_blocks.3.ff.net.2"),
+        (f"middle_block.1.{_BLOCK0}.ff.net.2", f"mid_block.attentions.0.{_BLOCK0}.ff.net.2"),
         ("middle_block.2.out_layers.3", "mid_block.resnets.1.conv2"),
         ("output_blocks.0.0.in_layers.2", "up_blocks.0.resnets.0.conv1"),
         ("output_blocks.2.1.conv", "up_blocks.0.upsamplers.0.conv"),  # SD 1.x: no attention in up block 0
         ("output_blocks.2.2.conv", "up_blocks.0.upsamplers.0.conv"),  # SDXL: after the attention
-        ("output_blocks.5.1.transformer_blocks.0.attn2.to_k", "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k"),
+        (f"output_blocks.5.1.{_BLOCK0}.attn2.to_k", f"up_blocks.1.attentions.2.{_BLOCK0}.attn2.to_k"),
         ("time_embed.2", "time_embedding.linear_2"),
         ("label_emb.0.0", "add_embedding.linear_1"),
         ("out.2", "conv_out"),
@@ -261,6 +268,7 @@ def test_ldm_names(ldm: str, diffusers_path: str) -> None:
 
 
 _D, _U = torch.zeros(4, 32), torch.zeros(32, 4)
+_KOHYA = {"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": _U}
 
 
 @pytest.mark.parametrize(
@@ -268,24 +276,20 @@ _D, _U = torch.zeros(4, 32), torch.zeros(32, 4)
     [
         ({}, "no tensors"),
         ({"model.diffusion_model.input_blocks.0.0.weight": _D}, "full model"),
-        ({"lora_unet_a.hada_w1_a": _D, "lora_unet_a.hada_w1_b": _D, "lora_unet_a.alpha": torch.tensor(1)}, "LoHa"),
+        ({"lora_unet_a.hada_w1_a": _D, "lora_unet_a.hada_w1_b": _D, "lora_unet_a.alpha": _D}, "LoHa"),
         ({"lora_unet_a.lokr_w1": _D, "lora_unet_a.lokr_w2": _D}, "LoKr"),
-        ({"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": _U, "lora_unet_a.dora_scale": _U},
+        (_KOHYA | {"lora_unet_a.dora_scale": _U}, "DoRA"),
+        (_KOHYA | {"lora_unet_a.magnitude": _U}, "DoRA"),
+        ({"unet.a.lora_A.weight": _D, "unet.a.lora_B.weight": _U, "unet.a.lora_magnitude_vector": _U},
          "DoRA"),
-        ({"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": _U, "lora_unet_a.magnitude": _U},
-         "DoRA"),
-        ({"unet.a.lora_A.weight": _D, "unet.a.lora_B.weight": _U, "unet.a.lora_magnitude_vector": _U}, "DoRA"),
-        ({"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": _U, "lora_unet_a.lora_mid.weight": _D},
-         "Tucker"),
+        (_KOHYA | {"lora_unet_a.lora_mid.weight": _D}, "Tucker"),
         ({"lora_unet_a.diff": _D}, "full-weight difference"),
         ({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": _D}, "transformer model"),
         ({"lora_transformer_single_blocks_0_linear1.lora_down.weight": _D}, "transformer model"),
         ({"lora_unet_a.lora_down.weight": _D}, "lacks its lora_down or lora_up"),
-        ({"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": torch.zeros(32, 8)}, "ranks differ"),
-        ({"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": _U, "lora_unet_a.scale": _U},
-         "unexpected tensor"),
-        ({"lora_unet_a.lora_down.weight": _D, "lora_unet_a.lora_up.weight": _U, "other.lora_A.weight": _D},
-         "unexpected key"),
+        (_KOHYA | {"lora_unet_a.lora_up.weight": torch.zeros(32, 8)}, "ranks differ"),
+        (_KOHYA | {"lora_unet_a.scale": _U}, "unexpected tensor"),
+        (_KOHYA | {"other.lora_A.weight": _D}, "unexpected key"),
         ({"unet.a.lora_A.weight": _D}, "lacks its down (A) or up (B)"),
         ({"vae.decoder.lora_A.weight": _D, "vae.decoder.lora_B.weight": _U}, "names no unet"),
         ({"input_blocks.99.7.weird.lora_A.weight": _D, "input_blocks.99.7.weird.lora_B.weight": _U},
@@ -334,7 +338,7 @@ def test_peft_alpha_from_metadata(meta: dict | None, expected_scale: float) -> N
     ],
 )
 def test_old_peft_names(key: str, expected: str) -> None:
-    partner = {".down.weight": ".up.weight", ".up.weight": ".down.weight", "lora_A": "lora_B", "lora_B": "lora_A"}
+    partner = {".down.": ".up.", ".up.": ".down.", "lora_A": "lora_B", "lora_B": "lora_A"}
     other = next(key.replace(a, b) for a, b in partner.items() if a in key)
     down, up = (_D, _U) if ("down" in key or "lora_A" in key) else (_U, _D)
     norm = normalize_lora_state({key: down, other: up})

@@ -50,7 +50,12 @@ KOHYA_ARGS: dict[str, Any] = {
     "cache_latents": True,
     "max_data_loader_n_workers": 0,
 }
-EVAL_SETTINGS: dict[str, Any] = {"steps": 10, "guidance_scale": 1.0, "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+EVAL_SETTINGS: dict[str, Any] = {
+    "steps": 10,
+    "guidance_scale": 1.0,
+    "width": IMAGE_SIZE,
+    "height": IMAGE_SIZE,
+}
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,10 @@ def build_demo(workdir: Path) -> DemoPaths:
     Deterministic: the same code builds the same bytes of weights and images.
     """
     from lora_monitor.demo.dataset import build_dataset, prompts_path
-    from lora_monitor.demo.sd_model import build_tiny_sd
 
     # imported here: another module of the demo, kept out of this module's import time
     from lora_monitor.demo.scoring_models import build_tiny_dino, build_tiny_fashion_clip
+    from lora_monitor.demo.sd_model import build_tiny_sd
 
     workdir = Path(workdir)
     models = workdir / "models"
@@ -114,8 +119,14 @@ def build_demo(workdir: Path) -> DemoPaths:
     )
     data = _build_once(
         workdir / "data",
-        {"kind": "dataset", "version": RECIPE_VERSION, "seed": SEED, "n": N_IMAGES, "size": IMAGE_SIZE,
-         "repeats": REPEATS},
+        {
+            "kind": "dataset",
+            "version": RECIPE_VERSION,
+            "seed": SEED,
+            "n": N_IMAGES,
+            "size": IMAGE_SIZE,
+            "repeats": REPEATS,
+        },
         lambda d: build_dataset(d, n=N_IMAGES, size=IMAGE_SIZE, seed=SEED, repeats=REPEATS),
     )
     return DemoPaths(

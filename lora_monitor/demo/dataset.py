@@ -98,7 +98,10 @@ def draw_dress(pose: DressPose, size: int) -> Image.Image:
     fold = tuple(int(c * 0.7) for c in pose.rgb)
     for k in (-1, 0, 1):
         d.line(
-            [px(pose.cx + k * pose.waist * 0.25, waist_y + 0.05), px(hem_cx + k * pose.hem * 0.28, hem_y - 0.03)],
+            [
+                px(pose.cx + k * pose.waist * 0.25, waist_y + 0.05),
+                px(hem_cx + k * pose.hem * 0.28, hem_y - 0.03),
+            ],
             fill=fold,
             width=max(1, round(0.012 * big)),
         )

@@ -68,7 +68,9 @@ def demo_config_text(paths: Any, workdir: Path) -> str:
 def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print) -> Path:
     """Build (or reuse) the demo in `workdir` and return its config.toml. A finished run's output is moved aside."""
     from lora_monitor.demo.build import build_demo
+    from lora_monitor.pipeline import quiet_libraries
 
+    quiet_libraries()
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="lora-monitor-demo-", dir=Path.cwd()))
     workdir = Path(workdir).resolve()

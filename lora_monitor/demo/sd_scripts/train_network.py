@@ -1,4 +1,4 @@
-"""A small LoRA trainer for SD 1.x diffusers models that speaks kohya sd-scripts' `train_network.py` interface.
+"""A small LoRA trainer for SD 1.x diffusers models speaking kohya sd-scripts' `train_network.py` interface.
 
 Run it as kohya's script is run: `python -u train_network.py --pretrained_model_name_or_path DIR
 --train_data_dir DIR --output_dir DIR --output_name NAME --network_module networks.lora ...`. It accepts
@@ -40,7 +40,9 @@ SUPPORTED_NETWORK_MODULE = "networks.lora"
 def setup_parser() -> argparse.ArgumentParser:
     """kohya's flags for what this trainer supports, with kohya's defaults."""
     p = argparse.ArgumentParser()
-    p.add_argument("--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     p.add_argument("--pretrained_model_name_or_path", type=str, default=None)
     p.add_argument("--tokenizer_cache_dir", type=str, default=None)
     p.add_argument("--train_data_dir", type=str, default=None)
@@ -48,7 +50,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=str, default=None)
     p.add_argument("--output_dir", type=str, default=None)
     p.add_argument("--output_name", type=str, default=None)
-    p.add_argument("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"])
+    p.add_argument(
+        "--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"]
+    )
     p.add_argument("--save_every_n_steps", type=int, default=None)
     p.add_argument("--save_every_n_epochs", type=int, default=None)
     p.add_argument("--save_last_n_steps", type=int, default=None)
@@ -84,7 +88,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         (args.lr_scheduler != "constant", "--lr_scheduler: only 'constant' is supported"),
         (args.optimizer_type.lower() not in ("", "adamw"), "--optimizer_type: only AdamW is supported"),
         (args.mixed_precision != "no", "--mixed_precision: only 'no' is supported (CPU float32)"),
-        (args.network_module != SUPPORTED_NETWORK_MODULE, f"--network_module must be {SUPPORTED_NETWORK_MODULE}"),
+        (
+            args.network_module != SUPPORTED_NETWORK_MODULE,
+            f"--network_module must be {SUPPORTED_NETWORK_MODULE}",
+        ),
     ]
     for bad, message in unsupported:
         if bad:
@@ -92,8 +99,16 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     for name in ("pretrained_model_name_or_path", "train_data_dir", "output_dir"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required")
-    for name in ("save_every_n_steps", "save_every_n_epochs", "max_train_steps", "max_train_epochs",
-                 "train_batch_size", "network_dim", "save_last_n_steps", "save_last_n_epochs"):
+    for name in (
+        "save_every_n_steps",
+        "save_every_n_epochs",
+        "max_train_steps",
+        "max_train_epochs",
+        "train_batch_size",
+        "network_dim",
+        "save_last_n_steps",
+        "save_last_n_epochs",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
@@ -248,7 +263,9 @@ def kohya_state_dict(unet: Any, alpha: float) -> dict[str, Any]:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from peft import get_peft_model_state_dict
 
-    peft_sd = {"unet." + k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(unet).items()}
+    peft_sd = {
+        "unet." + k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(unet).items()
+    }
     sd = convert_state_dict_to_kohya(peft_sd)
     for key in sd:
         if key.endswith(".alpha"):
@@ -257,7 +274,9 @@ def kohya_state_dict(unet: Any, alpha: float) -> dict[str, Any]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def build_metadata(args: argparse.Namespace, subsets: list[Subset], n_batches: int, n_epochs: int) -> dict[str, str]:
+def build_metadata(
+    args: argparse.Namespace, subsets: list[Subset], n_batches: int, n_epochs: int
+) -> dict[str, str]:
     """kohya's `ss_*` training metadata (the fields this trainer can fill truthfully), as strings."""
     tag_frequency: dict[str, dict[str, int]] = {}
     for s in subsets:
@@ -298,7 +317,9 @@ def build_metadata(args: argparse.Namespace, subsets: list[Subset], n_batches: i
         "ss_total_batch_size": args.train_batch_size,
         "ss_resolution": args.resolution,
         "ss_enable_bucket": False,
-        "ss_dataset_dirs": json.dumps({s.dir.name: {"n_repeats": s.repeats, "img_count": len(s.images)} for s in subsets}),
+        "ss_dataset_dirs": json.dumps(
+            {s.dir.name: {"n_repeats": s.repeats, "img_count": len(s.images)} for s in subsets}
+        ),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_sd_model_name": os.path.basename(model_name) if os.path.exists(model_name) else model_name,
@@ -342,7 +363,9 @@ class Checkpointer:
         return f"{self.args.output_name}-{epoch:06d}.safetensors"
 
 
-def encode_dataset(args: argparse.Namespace, subsets: list[Subset], pipe_parts: dict[str, Any]) -> tuple[Any, Any]:
+def encode_dataset(
+    args: argparse.Namespace, subsets: list[Subset], pipe_parts: dict[str, Any]
+) -> tuple[Any, Any]:
     """Cache every image's latents (scaled) and every caption's text-encoder states, in dataset order."""
     import torch
 
@@ -353,8 +376,13 @@ def encode_dataset(args: argparse.Namespace, subsets: list[Subset], pipe_parts: 
     with torch.no_grad():
         pixels = torch.stack([load_image(p, args.resolution) for p in images])
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         states = text_encoder(ids)[0]
     return latents, states
 
@@ -377,8 +405,8 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    from transformers import CLIPTextModel
     from tqdm import tqdm
+    from transformers import CLIPTextModel
 
     if args.seed is None:
         args.seed = random.randint(0, 2**32)
@@ -397,14 +425,19 @@ def train(args: argparse.Namespace) -> None:
     for m in (vae, text_encoder, unet):
         m.requires_grad_(False)
         m.eval()
-    latents, states = encode_dataset(args, subsets, {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer})
+    latents, states = encode_dataset(
+        args, subsets, {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    )
     del vae, text_encoder
 
     print(f"import network module: {args.network_module}")
     logger.info(f"create LoRA network. base dim (rank): {args.network_dim}, alpha: {args.network_alpha}")
     targets = lora_target_modules(unet)
-    unet.add_adapter(LoraConfig(r=args.network_dim, lora_alpha=args.network_alpha, target_modules=targets,
-                                init_lora_weights=True))
+    unet.add_adapter(
+        LoraConfig(
+            r=args.network_dim, lora_alpha=args.network_alpha, target_modules=targets, init_lora_weights=True
+        )
+    )
     logger.info(f"create LoRA for U-Net: {len(targets)} modules.")
     logger.info(f"enable LoRA for U-Net: {len(targets)} modules")
     unet.train()
@@ -417,8 +450,10 @@ def train(args: argparse.Namespace) -> None:
     n_batches = math.ceil(sum(len(s.images) * s.repeats for s in subsets) / args.train_batch_size)
     if args.max_train_epochs is not None:
         args.max_train_steps = args.max_train_epochs * n_batches
-        print(f"override steps. steps for {args.max_train_epochs} epochs is / 指定エポックまでのステップ数: "
-              f"{args.max_train_steps}")
+        print(
+            f"override steps. steps for {args.max_train_epochs} epochs is / 指定エポックまでのステップ数: "
+            f"{args.max_train_steps}"
+        )
     n_epochs = math.ceil(args.max_train_steps / n_batches)
     print_header(subsets, n_batches, n_epochs, args)
     metadata = build_metadata(args, subsets, n_batches, n_epochs)
@@ -464,8 +499,12 @@ def train(args: argparse.Namespace) -> None:
             avr_loss = loss_recorder.moving_average
             progress_bar.set_postfix(avr_loss=avr_loss)
             if writer is not None:
-                for tag, value in (("loss/current", current_loss), ("loss/average", avr_loss),
-                                   ("lr/unet", lr), ("lr/group0", lr)):
+                for tag, value in (
+                    ("loss/current", current_loss),
+                    ("loss/average", avr_loss),
+                    ("lr/unet", lr),
+                    ("lr/group0", lr),
+                ):
                     writer.add_scalar(tag, value, global_step)
             if global_step >= args.max_train_steps:
                 break
