@@ -87,3 +87,4 @@ class EvalResult:
     error: str | None = None
     note: str | None = None
     seconds: float | None = None
+    skipped: bool = False  # e.g. kohya deleted the file (--save_last_n_steps) before its turn

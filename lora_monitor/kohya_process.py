@@ -12,6 +12,7 @@ launcher sets to `kohya.sd_scripts` (see `kohya_cwd`).
 from __future__ import annotations
 
 import codecs
+import ctypes
 import json
 import logging
 import os
@@ -281,9 +282,22 @@ def _check_base_model(value: object, base: Path) -> None:
 # -- the process ---------------------------------------------------------------------------------------
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _restore_sigint() -> None:
-    """In the child before exec: an ignored SIGINT would be inherited, and kohya could not be interrupted."""
+    """In the child before exec: an ignored SIGINT would be inherited, and kohya could not be interrupted.
+
+    Also (Linux) ask for SIGTERM when the monitor dies without cleaning up (kill -9): kohya's stdout and
+    stderr are our pipes, so it would die at its next print anyway; this way no orphan is left running.
+    """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
 
 
 def exit_code(returncode: int) -> int:

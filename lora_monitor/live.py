@@ -88,8 +88,9 @@ class LiveView:
         shown = dict(row)
         shown["_prev"] = previous
         self.rows.append(shown)
-        if row.get("status") == "failed":
-            self._plain(f"checkpoint {row['checkpoint']} (step {row.get('step')}): FAILED - {row.get('note')}")
+        if row.get("status") in ("failed", "skipped"):
+            status = row["status"].upper()
+            self._plain(f"checkpoint {row['checkpoint']} (step {row.get('step')}): {status} - {row.get('note')}")
         else:
             parts = []
             for key in SHOWN:
@@ -141,7 +142,7 @@ class LiveView:
         for name in ("step", "checkpoint", *[SHORT[k] for k in SHOWN], "s"):
             table.add_column(name, justify="right" if name != "checkpoint" else "left")
         for row in self.rows:
-            if row.get("status") == "failed":
+            if row.get("status") in ("failed", "skipped"):
                 table.add_row(str(row.get("step") or ""), row["checkpoint"], Text(str(row.get("note")), "red"))
                 continue
             cells = []

@@ -379,6 +379,18 @@ def injected_modules(pipe: Any, adapter_name: str) -> dict[str, int]:
     return counts
 
 
+def verify_applied(pipe: Any, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+    """NotALoraError unless every LoRA module of the normalised `state` was injected into `pipe`.
+
+    diffusers skips LoRA modules whose layer the base model lacks (a LoRA for another base) without an
+    error as long as one module matches; this makes that visible.
+    """
+    expected, got = lora_modules(state), injected_modules(pipe, adapter_name)
+    if expected != got:
+        raise NotALoraError(f"only part of the LoRA fits this base model: {got or 'nothing'} of {expected} "
+                            "modules applied (a LoRA for another base model?)")
+
+
 def describe_lora(state: dict[str, torch.Tensor]) -> str:
     """One line, e.g. "kohya LoRA, rank 8, 96 modules (UNet 72, text encoder 24), 12 conv (LoCon)"."""
     layout = detect_layout(state)

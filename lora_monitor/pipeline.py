@@ -74,18 +74,30 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def reference_images(config: Config) -> list[Path]:
+    """[eval] references, else the image folders kohya trains on (train_data_dir's N_name folders or the
+    dataset_config subsets), searched recursively."""
+    from lora_monitor.references import find_reference_images
+
+    if config.eval.references is None and config.kohya is not None:
+        from lora_monitor.kohya_process import train_data_dirs
+
+        dirs = train_data_dirs(config.kohya)
+        if dirs:
+            return sorted({p for d in dirs for p in find_reference_images(d)})
+    folder = config.references()
+    if folder is None:
+        raise UserError("no reference images: set [eval] references or kohya.args.train_data_dir")
+    return find_reference_images(folder)
+
+
 def build_models(config: Config, out_root: Path, sdxl: bool = False) -> Models:
     import torch
 
     quiet_libraries()
     from lora_monitor.evaluator import Evaluator, load_pipeline, resolve_device
     from lora_monitor.metrics import Scorer
-    from lora_monitor.references import find_reference_images
-
-    ref_dir = config.references()
-    if ref_dir is None:
-        raise UserError("no reference images: set [eval] references or kohya.args.train_data_dir")
-    references = find_reference_images(ref_dir)
+    references = reference_images(config)
     prompts = resolve_prompts(config, references)
     device = resolve_device(config.eval.device)
     if device.type == "cpu" and config.eval.device == "auto":
@@ -110,7 +122,7 @@ def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str,
     path = ready.path
     try:
         if not path.exists():
-            raise EvalError("file deleted before its turn")
+            return EvalResult(path, ready.step, note="deleted before its turn (kohya's save_last_n_*)", skipped=True)
         try:
             fp = tensor_fingerprint(path, read_header(path))
         except (OSError, ValueError) as exc:
@@ -124,6 +136,8 @@ def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str,
         fingerprints[fp] = (path.name, dict(metrics))
         return EvalResult(path, ready.step, dict(metrics), seconds=time.monotonic() - started)
     except EvalError as exc:
+        if not path.exists():
+            return EvalResult(path, ready.step, note="deleted while being evaluated", skipped=True)
         return EvalResult(path, ready.step, error=str(exc), seconds=time.monotonic() - started)
     except Exception as exc:  # noqa: BLE001 - evaluation problems never kill the run
         log.debug("evaluation failed", exc_info=True)

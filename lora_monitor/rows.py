@@ -47,6 +47,10 @@ def build_row(result: EvalResult, facts: TrainerFacts, epoch_hint: int | None = 
     }
     if row["epoch"] is None:
         row["epoch"] = epoch_hint
+    if result.skipped:
+        row["status"] = "skipped"
+        row["note"] = result.note
+        return row
     if result.error:
         row["status"] = "failed"
         row["note"] = result.error

@@ -24,6 +24,7 @@ from lora_monitor.lora_formats import (
     ldm_to_diffusers_unet,
     lora_modules,
     normalize_lora_state,
+    verify_applied,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -358,3 +359,21 @@ def test_shape_mismatch_names_the_shape(sd: dict) -> None:
     if "wrong_base" in getattr(pipe.unet, "peft_config", {}):
         pipe.delete_adapters("wrong_base")
     torch.testing.assert_close(_outputs(pipe), sd["base"])
+
+
+def test_partly_matching_lora_is_detected(sd: dict) -> None:
+    # diffusers loads the modules it finds and skips the rest without an error
+    state = dict(sd["kohya"])
+    down = next(k for k in state if k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down"))
+    state["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = state[down]
+    state["lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight"] = state[down.replace("down", "up")]
+    pipe = sd["pipe"]
+    norm = normalize_lora_state(state)
+    pipe.load_lora_weights(norm, adapter_name="partial")
+    try:
+        with pytest.raises(NotALoraError, match="only part of the LoRA fits"):
+            verify_applied(pipe, "partial", norm)
+        # the modules that exist were all applied: the reference's count
+        assert injected_modules(pipe, "partial") == sd["counts"]
+    finally:
+        pipe.delete_adapters("partial")
