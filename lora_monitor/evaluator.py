@@ -156,12 +156,19 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
         ) from None
     pipe.set_progress_bar_config(disable=True)
     ensure_sdpa(pipe)
+    place_pipeline(pipe, device, memory)
+    return pipe
+
+
+def place_pipeline(pipe: Any, device: torch.device, memory: str = "auto") -> str:
+    """Move a pipeline (still on the CPU) to `device`, or offload it; returns 'full' or 'offload'."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     mode = choose_memory_mode(memory, device.type, pipeline_bytes(pipe), free)
     if mode == "offload" and enable_offload(pipe, device):
         log.info("evaluation pipeline offloaded to the CPU (memory = %s)", memory)
-        return pipe
-    return pipe.to(device)
+        return "offload"
+    pipe.to(device)
+    return "full"
 
 
 def set_scheduler(pipe: Any, name: str) -> None:

@@ -70,6 +70,20 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def why_incomplete(path: Path) -> str:
+    """One phrase saying why `path` is not a complete safetensors file ('' when it is)."""
+    try:
+        header = read_header(path)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    except ValueError as exc:
+        return f"not a complete safetensors file ({exc})"
+    size = path.stat().st_size
+    if size != header.data_end:
+        return f"truncated or still being written (header accounts for {header.data_end} bytes, file has {size})"
+    return ""
+
+
 def step_from_name(path: Path) -> tuple[int | None, int | None]:
     """(step, epoch) from a kohya save name; (None, None) for the final file or other names."""
     stem = path.stem

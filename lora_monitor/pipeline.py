@@ -36,8 +36,16 @@ class Models:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_models(config: Config) -> None:
-    """Fail fast (before training starts) when a scoring or base model is not available offline."""
+@dataclass(frozen=True)
+class Inputs:
+    """What evaluation needs from the user, checked before training starts."""
+
+    references: list[Path]
+    prompts: list[Prompt]
+
+
+def check_inputs(config: Config) -> Inputs:
+    """Fail fast (before training starts): models available offline, references found, prompts readable."""
     from lora_monitor.metrics import check_model_available
 
     check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
@@ -47,6 +55,8 @@ def check_models(config: Config) -> None:
         raise UserError("no base model: set [eval] base_model or kohya.args.pretrained_model_name_or_path")
     if ("/" in base or os.sep in base) and Path(base).is_absolute() and not Path(base).exists():
         raise UserError(f"base model {base}: not found; fix [eval] base_model or pretrained_model_name_or_path")
+    references = reference_images(config)
+    return Inputs(references=references, prompts=resolve_prompts(config, references))
 
 
 def resolve_prompts(config: Config, references: list[Path]) -> list[Prompt]:
@@ -91,14 +101,13 @@ def reference_images(config: Config) -> list[Path]:
     return find_reference_images(folder)
 
 
-def build_models(config: Config, out_root: Path, sdxl: bool = False) -> Models:
+def build_models(config: Config, out_root: Path, inputs: Inputs, sdxl: bool = False) -> Models:
     import torch
 
     quiet_libraries()
     from lora_monitor.evaluator import Evaluator, load_pipeline, resolve_device
     from lora_monitor.metrics import Scorer
-    references = reference_images(config)
-    prompts = resolve_prompts(config, references)
+
     device = resolve_device(config.eval.device)
     if device.type == "cpu" and config.eval.device == "auto":
         # Beside a CPU trainer, half the cores each keeps both near their idle speed.
@@ -110,10 +119,26 @@ def build_models(config: Config, out_root: Path, sdxl: bool = False) -> Models:
         device=str(device),
         cache_dir=config.metrics.cache_dir or out_root / "eval" / ".cache",
     )
-    warnings = scorer.set_references(references)
+    warnings = list(scorer.set_references(inputs.references))
     pipe = load_pipeline(str(config.base_model()), sdxl, device)
-    evaluator = Evaluator(pipe, prompts, config.eval, out_root)
-    return Models(evaluator=evaluator, scorer=scorer, warnings=list(warnings))
+    warnings += long_prompt_warnings(pipe, inputs.prompts)
+    evaluator = Evaluator(pipe, inputs.prompts, config.eval, out_root)
+    return Models(evaluator=evaluator, scorer=scorer, warnings=warnings)
+
+
+def long_prompt_warnings(pipe: object, prompts: list[Prompt]) -> list[str]:
+    """The text encoder reads at most model_max_length tokens (77 for CLIP); longer prompts are cut."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    limit = int(getattr(tokenizer, "model_max_length", 77))
+    out = []
+    for i, prompt in enumerate(prompts, start=1):
+        n = len(tokenizer(prompt.text, truncation=False)["input_ids"])
+        if n > limit:
+            out.append(f"prompt {i} is {n} tokens; the text encoder reads {limit}, the rest is cut: "
+                       f"{prompt.text[:60]!r}...")
+    return out
 
 
 def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str, tuple[str, dict]]) -> EvalResult:

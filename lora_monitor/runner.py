@@ -22,11 +22,11 @@ from lora_monitor.errors import UserError
 from lora_monitor.eval_schedule import EvalSchedule
 from lora_monitor.live import LiveView
 from lora_monitor.lock import OutputLock
-from lora_monitor.lora_files import is_final_name, step_from_name, step_of
-from lora_monitor.pipeline import EvalWorker, build_models, check_models, drain
+from lora_monitor.lora_files import is_final_name, step_from_name, step_of, why_incomplete
+from lora_monitor.pipeline import EvalWorker, build_models, check_inputs, drain
 from lora_monitor.rows import TrainerFacts, build_row, epoch_from_metadata
 from lora_monitor.tracker import METRIC_NAMES, Tracker
-from lora_monitor.watcher import CheckpointWatcher, list_checkpoints
+from lora_monitor.watcher import CheckpointWatcher, is_candidate, list_checkpoints
 
 log = logging.getLogger(__name__)
 LOSS_WAIT_S = 60.0  # longest a finished evaluation waits for kohya's post-save loss redraw
@@ -137,7 +137,8 @@ def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: boo
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; give the kohya output folder to eval-dir")
     csv_path = csv_path or config.csv_path(folder) or folder / "loss_tracker.csv"
-    check_models(config)
+    _check_folder(folder, watch)
+    inputs = check_inputs(config)
     if config.output.tensorboard:
         from lora_monitor.tb_writer import check_available
 
@@ -147,9 +148,10 @@ def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: boo
         output_name = config.output_name if config.kohya else None
         done = loop.tracker.done()
         schedule = schedule_of(config)
-        worker = EvalWorker(lambda: build_models(config, folder, config.kohya.sdxl if config.kohya else False),
-                            loop.events.put, newest_first=False)
+        sdxl = config.kohya.sdxl if config.kohya else False
+        worker = EvalWorker(lambda: build_models(config, folder, inputs, sdxl), loop.events.put, newest_first=False)
         files = sorted(list_checkpoints(folder), key=lambda p: _sort_key(p, output_name))
+        _report_unusable(loop, folder, files, done, watch)
         todo = [ready_of(p, output_name) for p in files if p.name not in done]
         todo = [r for r in todo if schedule.should_eval(r.step, r.is_final)]
         view.message(f"{len(files)} LoRA files in {folder}; {len(todo)} to evaluate, {len(files) - len(todo)} done")
@@ -193,6 +195,32 @@ def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: boo
     if loop.fatal:
         raise UserError(loop.fatal)
     return 0
+
+
+def _report_unusable(loop: _Loop, folder: Path, files: list[Path], done: set[str], watch: bool) -> None:
+    """Files eval-dir cannot evaluate: a row for broken .safetensors, a message for pickle formats."""
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".ckpt", ".pt", ".pth", ".bin"))
+    if pickles:
+        loop.view.message(f"not evaluated (only safetensors are loaded, never pickle): {', '.join(pickles)}; "
+                          "save with --save_model_as safetensors")
+    complete = {p.name for p in files}
+    for path in sorted(folder.iterdir()):
+        if not is_candidate(path) or path.name in complete or path.name in done or watch:
+            continue
+        reason = why_incomplete(path)
+        if reason:
+            loop.write_result(ev.EvalResult(path, step_from_name(path)[0], error=reason))
+
+
+def _check_folder(folder: Path, watch: bool) -> None:
+    """Refuse, before anything is written, a folder eval-dir has nothing to do in."""
+    if watch or any(is_candidate(p) for p in folder.iterdir()):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".ckpt", ".pt", ".pth", ".bin"))
+    if pickles:
+        raise UserError(f"{folder}: only pickle checkpoints ({pickles[0]}, ...); only .safetensors LoRA files are "
+                        "evaluated - retrain or convert with --save_model_as safetensors")
+    raise UserError(f"{folder}: no LoRA .safetensors files; give the folder kohya saves into (output_dir)")
 
 
 class _SignalCatcher:

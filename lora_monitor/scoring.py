@@ -17,8 +17,13 @@ def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts
 
     check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
     check_model_available(config.metrics.visual_model, "visual")
-    image_paths = find_reference_images(images_dir)
     references = find_reference_images(references_dir)
+    if not Path(images_dir).is_dir():
+        raise UserError(f"{images_dir}: not a folder; give the folder of images to score")
+    try:
+        image_paths = find_reference_images(images_dir)
+    except UserError:
+        raise UserError(f"{images_dir}: no images to score (.png .jpg .jpeg .webp .bmp)") from None
     prompts = None
     if prompts_file:
         prompts = [p.text for p in load_prompts(prompts_file)]

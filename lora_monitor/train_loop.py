@@ -16,7 +16,7 @@ from lora_monitor.errors import UserError
 from lora_monitor.kohya_process import KohyaProcess, build_argv, effective_args, preflight
 from lora_monitor.live import LiveView
 from lora_monitor.lock import OutputLock
-from lora_monitor.pipeline import EvalWorker, build_models, check_models, drain
+from lora_monitor.pipeline import EvalWorker, build_models, check_inputs, drain
 from lora_monitor.runner import LOSS_WAIT_S, _Loop, _SignalCatcher, ready_of, schedule_of
 from lora_monitor.watcher import CheckpointWatcher, list_checkpoints
 
@@ -47,8 +47,7 @@ def run_train(config: Config, view: LiveView) -> int:
     config = _with_logging_dir(config, output_dir)
     for warning in preflight(config.kohya):
         view.message(f"warning: {warning}")
-    if config.eval.enabled:
-        check_models(config)
+    inputs = check_inputs(config) if config.eval.enabled else None
     if config.output.tensorboard:
         from lora_monitor.tb_writer import check_available
 
@@ -58,7 +57,7 @@ def run_train(config: Config, view: LiveView) -> int:
     output_name = str(merged.get("output_name") or "last")
     with OutputLock(output_dir), _SignalCatcher() as caught:
         loop = _Loop(config, output_dir, csv_path, view)
-        worker = EvalWorker(lambda: build_models(config, output_dir, config.kohya.sdxl), loop.events.put,
+        worker = EvalWorker(lambda: build_models(config, output_dir, inputs, config.kohya.sdxl), loop.events.put,
                             newest_first=config.eval.newest_first)
         schedule = schedule_of(config)
         before = {p.name for p in list_checkpoints(output_dir)}  # an earlier run's files: eval-dir's job

@@ -33,6 +33,7 @@ def load_trainer_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("demo_train_network", TRAINER)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 

@@ -3,6 +3,7 @@ embeddings, deterministic images, the out-of-memory fallback chain, and clear er
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import os
@@ -86,13 +87,25 @@ def loras(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     return paths
 
 
-@pytest.fixture
-def make(base: Path, tmp_path: Path) -> Iterator[Callable[..., ev.Evaluator]]:
-    """Build Evaluators on freshly loaded pipelines (so tests never share adapter state)."""
+@pytest.fixture(scope="module")
+def loaded(base: Path) -> object:
+    return ev.load_pipeline(str(base), False, torch.device("cpu"))
 
-    def build(prompts: list[Prompt] = PROMPTS, **changes: object) -> ev.Evaluator:
+
+@pytest.fixture
+def make(base: Path, loaded: object, tmp_path: Path) -> Iterator[Make]:
+    """Build Evaluators on pipelines of their own (so tests never share adapter state): a deep copy of the
+    module's loaded pipeline, or with `load=True` a pipeline freshly loaded from disk."""
+    from diffusers import StableDiffusionPipeline
+
+    def build(prompts: list[Prompt] = PROMPTS, load: bool = False, **changes: object) -> ev.Evaluator:
         cfg = dataclasses.replace(CFG, **changes)
-        return ev.Evaluator(ev.load_pipeline(str(base), False, torch.device("cpu")), prompts, cfg, tmp_path)
+        if load:
+            pipe = ev.load_pipeline(str(base), False, torch.device("cpu"))
+        else:
+            pipe = StableDiffusionPipeline(**copy.deepcopy(loaded.components))  # type: ignore[attr-defined]
+            pipe.set_progress_bar_config(disable=True)
+        return ev.Evaluator(pipe, prompts, cfg, tmp_path)
 
     yield build
 
@@ -182,7 +195,7 @@ def test_same_checkpoint_same_images_also_in_fresh_evaluator(make: Make, loras: 
     assert len(a1.images) == 3 and a1.images[0].size == (32, 32)
     assert same(a1, a2)
     assert not same(a1, b)
-    fresh = make()
+    fresh = make(load=True)
     assert same(fresh.generate(loras["b"]), b)
     fresh.unload()
     assert same(fresh.generate(loras["r8"]), r8)
@@ -212,8 +225,8 @@ def test_200_swaps_do_not_leak_and_base_weights_stay_bit_identical(make: Make, l
     evaluator.swap_in(states[0])
     after_one = _leak_snapshot(evaluator.pipe)
     for i in range(200):
-        # a <-> b swap in place (hotswap); every 10th is a rank-8 LoRA, which forces two clean reloads
-        evaluator.swap_in(states[1] if i % 10 == 9 else states[2 * (i % 2)])
+        # a <-> b swap in place (hotswap); every 25th is a rank-8 LoRA, which forces two clean reloads
+        evaluator.swap_in(states[1] if i % 25 == 24 else states[2 * (i % 2)])
     evaluator.swap_in(states[0])
     after_many = _leak_snapshot(evaluator.pipe)
     for key in ("params", "numel", "modules"):
@@ -265,7 +278,7 @@ def test_prompt_embeddings_once_per_run_unless_lora_changes_text_encoder(
     assert runs["n"] == 3 * once  # a text-encoder LoRA: encoded per checkpoint
     assert same(evaluator.generate(loras["a"]), a1)  # the run's cache holds the base text encoder's output
     assert runs["n"] == 3 * once
-    fresh = make()
+    fresh = make(load=True)
     assert same(fresh.generate(loras["te"]), te1)
     assert not same(te1, a1)
 

@@ -1,4 +1,4 @@
-"""The tiny SDXL pipeline loads with the evaluator's loader, and kohya SDXL LoRAs (te1/te2) change and restore it."""
+"""The tiny SDXL pipeline loads with the evaluator's loader; kohya SDXL LoRAs change its images."""
 
 from __future__ import annotations
 
@@ -104,37 +104,42 @@ def test_kohya_keys_use_sdxl_prefixes(sdxl: dict) -> None:
     assert describe_lora(sdxl["kohya"]).startswith("kohya LoRA, rank 4")
 
 
-@pytest.mark.parametrize("unet_names", ["diffusers", "sgm"])
-def test_kohya_sdxl_lora_changes_and_restores(sdxl: dict, unet_names: str) -> None:
-    # "diffusers": ai-toolkit / OneTrainer LEGACY UNet names; "sgm": kohya sd-scripts / OneTrainer KOHYA
+def _kohya_state(sdxl: dict, unet_names: str) -> dict[str, torch.Tensor]:
+    """"diffusers": ai-toolkit / OneTrainer LEGACY UNet names; "sgm": kohya sd-scripts / OneTrainer KOHYA."""
     state = dict(sdxl["kohya"])
     if unet_names == "sgm":
         state = {(_sgm_unet_name(k.split(".")[0]) + k[k.index("."):] if k.startswith("lora_unet_") else k): v
                  for k, v in state.items()}
         assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k") for k in state)
+    return state
+
+
+def _generate_with(sdxl: dict, state: dict[str, torch.Tensor], adapter: str) -> tuple[np.ndarray, dict]:
+    """Image and injected-module counts with the LoRA loaded; the adapter is deleted again."""
     pipe = sdxl["pipe"]
     norm = normalize_lora_state(state)
-    adapter = f"sdxl_{unet_names}"
     pipe.load_lora_weights(norm, adapter_name=adapter)
     try:
         verify_applied(pipe, adapter, norm)
-        counts = injected_modules(pipe, adapter)
-        image = _generate(pipe)
+        assert injected_modules(pipe, adapter) == lora_modules(norm)
+        return _generate(pipe), injected_modules(pipe, adapter)
     finally:
         pipe.delete_adapters(adapter)
-    assert counts == lora_modules(norm)
+
+
+@pytest.mark.parametrize("unet_names", ["diffusers", "sgm"])
+def test_kohya_sdxl_lora_changes_and_restores(sdxl: dict, unet_names: str) -> None:
+    image, counts = _generate_with(sdxl, _kohya_state(sdxl, unet_names), f"sdxl_{unet_names}")
     assert set(counts) == {"unet", "text_encoder", "text_encoder_2"}
-    assert counts["text_encoder"] == counts["text_encoder_2"] == 12
+    assert counts["text_encoder"] == counts["text_encoder_2"] == 12  # 2 layers x q, k, v, out, fc1, fc2
     assert np.abs(image - sdxl["base"]).max() > 0.01  # the LoRA changes the image
-    np.testing.assert_allclose(_generate(pipe), sdxl["base"], atol=1e-6)  # deleting it restores the base
-    sdxl.setdefault("images", {})[unet_names] = image
+    np.testing.assert_allclose(_generate(sdxl["pipe"]), sdxl["base"], atol=1e-6)  # deleting restores it
 
 
 def test_both_unet_namings_give_the_same_image(sdxl: dict) -> None:
-    images = sdxl.get("images", {})
-    if len(images) < 2:
-        pytest.skip("needs both parametrised loads above")
-    np.testing.assert_allclose(images["diffusers"], images["sgm"], atol=1e-5)
+    first, _ = _generate_with(sdxl, _kohya_state(sdxl, "diffusers"), "same_a")
+    second, _ = _generate_with(sdxl, _kohya_state(sdxl, "sgm"), "same_b")
+    np.testing.assert_allclose(first, second, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,175 @@
+"""Faults survived on the real loop (tiny model, real trainer subprocess): nothing lost, no stray process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import cli, start_cli, write_config
+
+TRAINER = Path(__file__).resolve().parent.parent / "lora_monitor" / "demo" / "sd_scripts" / "train_network.py"
+
+
+def _rows(csv_path: Path) -> pd.DataFrame:
+    return pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame(columns=["checkpoint", "status"])
+
+
+def _wait_for(cond, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"monitor exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _trainers_of(workdir: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "train_network.py" in cmd and str(workdir) in cmd:
+            out.append(p)
+    return out
+
+
+def test_kill9_then_eval_dir_fills_exactly_the_gaps(tmp_path: Path, demo_assets) -> None:
+    config = write_config(tmp_path, demo_assets, kohya={"max_train_steps": 60})
+    out = tmp_path / "output"
+    csv_path = out / "loss_tracker.csv"
+    proc = start_cli("train", "--config", str(config), cwd=tmp_path)
+    _wait_for(lambda: len(_rows(csv_path)) >= 1, 240, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    _wait_for(lambda: not _trainers_of(tmp_path), 30)  # kohya does not outlive its monitor
+    before = csv_path.read_text()
+    assert before.endswith("\n")  # every row written is whole
+    result = cli("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    after = csv_path.read_text()
+    assert after.startswith(before)  # rows already written are untouched
+    rows = _rows(csv_path)
+    on_disk = sorted(p.name for p in out.glob("*.safetensors") if not p.stem.endswith("-best"))
+    assert sorted(rows["checkpoint"]) == on_disk  # no duplicates, no gaps
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_on_train_stops_kohya_and_keeps_the_csv(tmp_path: Path, demo_assets, signum: int, code: int) -> None:
+    config = write_config(tmp_path, demo_assets, kohya={"max_train_steps": 400})
+    proc = start_cli("train", "--config", str(config), cwd=tmp_path)
+    lines: list[str] = []
+    while True:
+        line = proc.stdout.readline()
+        assert line, "monitor ended before kohya started: " + "".join(lines)
+        lines.append(line)
+        if m := re.search(r"kohya started \(pid (\d+)\)", line):
+            kohya_pid = int(m.group(1))
+            break
+    csv_path = tmp_path / "output" / "loss_tracker.csv"
+    _wait_for(lambda: (tmp_path / "output" / "demo_dress-step00000010.safetensors").exists(), 240, proc)
+    started = time.monotonic()
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, "".join(lines) + output
+    assert time.monotonic() - started < 60  # the grace period (10 s in the demo config) plus the queued evals
+    with pytest.raises(ProcessLookupError):
+        os.killpg(kohya_pid, 0)  # nothing of kohya's process group remains
+    rows = _rows(csv_path)
+    assert csv_path.read_text().endswith("\n")
+    assert set(rows["status"]) <= {"ok", "duplicate", "failed", "skipped"}
+
+
+def test_kohya_crash_reports_and_evaluates_what_was_saved(tmp_path: Path, demo_assets) -> None:
+    scripts = tmp_path / "crashing sd-scripts"
+    scripts.mkdir()
+    (scripts / "train_network.py").write_text(
+        "import runpy, sys\n"
+        f"sys.argv[0] = {str(TRAINER)!r}\n"
+        f"runpy.run_path({str(TRAINER)!r}, run_name='__main__')\n"
+        "raise RuntimeError('simulated failure after the last save')\n",
+        encoding="utf-8",
+    )
+    config = write_config(tmp_path, demo_assets, kohya={"max_train_steps": 20})
+    text = config.read_text().replace(f'sd_scripts = "{TRAINER.parent}"', f'sd_scripts = "{scripts}"')
+    config.write_text(text)
+    result = cli("train", "--config", str(config), cwd=tmp_path, timeout=400)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "kohya exited with code 1" in result.stdout
+    assert "RuntimeError: simulated failure" in result.stdout
+    rows = _rows(tmp_path / "output" / "loss_tracker.csv")
+    assert {"demo_dress-step00000010.safetensors", "demo_dress-step00000020.safetensors"} <= set(rows["checkpoint"])
+    assert (rows["status"] == "ok").sum() >= 2
+
+
+def _short_training(folder: Path, demo_assets) -> Path:
+    """Run the demo trainer alone for 10 steps; return its folder of LoRA files."""
+    args = {**demo_assets.kohya_args, "max_train_steps": 10, "save_every_n_steps": 10}
+    argv = [sys.executable, str(TRAINER), "--pretrained_model_name_or_path", str(demo_assets.base_model),
+            "--train_data_dir", str(demo_assets.train_data_dir), "--output_dir", str(folder),
+            "--output_name", "demo_dress"]
+    for key, value in args.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=300)
+    return folder
+
+
+def test_broken_checkpoints_get_a_row_each_and_the_next_goes_on(tmp_path: Path, demo_assets) -> None:
+    out = _short_training(tmp_path / "output", demo_assets)
+    good = out / "demo_dress-step00000010.safetensors"
+    data = good.read_bytes()
+    (out / "demo_dress-step00000020.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    (out / "demo_dress-step00000030.safetensors").write_bytes(os.urandom(4096))  # corrupt
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(4, 4)},
+              str(out / "demo_dress-step00000040.safetensors"), metadata={"ss_steps": "40"})  # not a LoRA
+    state = load_file(str(good))
+    bad_shape = {k: (torch.zeros(v.shape[0], v.shape[1] + 3, *v.shape[2:]) if k.endswith("lora_down.weight")
+                     and v.ndim >= 2 else v) for k, v in state.items()}
+    save_file(bad_shape, str(out / "demo_dress-step00000050.safetensors"), metadata={"ss_steps": "50"})
+    (out / "old.ckpt").write_bytes(b"pickle, never loaded")
+    (out / "demo_dress.safetensors").unlink()
+    config = write_config(tmp_path, demo_assets)
+    result = cli("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = _rows(out / "loss_tracker.csv").set_index("checkpoint")
+    assert rows.loc[good.name, "status"] == "ok"
+    expected = {
+        "demo_dress-step00000020.safetensors": "truncated",
+        "demo_dress-step00000030.safetensors": "not a complete safetensors file",
+        "demo_dress-step00000040.safetensors": "not a LoRA",
+        "demo_dress-step00000050.safetensors": "does not fit the base model",
+    }
+    for name, reason in expected.items():
+        assert rows.loc[name, "status"] == "failed", name
+        assert reason in rows.loc[name, "note"], (name, rows.loc[name, "note"])
+    assert "old.ckpt" in result.stdout and "never pickle" in result.stdout
+
+
+def test_second_monitor_on_the_same_folder_is_refused(tmp_path: Path, demo_assets) -> None:
+    out = _short_training(tmp_path / "output", demo_assets)
+    config = write_config(tmp_path, demo_assets)
+    first = start_cli("eval-dir", str(out), "--config", str(config), "--watch", cwd=tmp_path)
+    try:
+        _wait_for(lambda: (out / ".lora-monitor.lock").exists(), 120, first)
+        second = cli("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+        assert second.returncode == 2
+        assert f"another lora-monitor (pid {first.pid})" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert not (out / ".lora-monitor.lock").exists()
