@@ -356,6 +356,14 @@ class Checkpointer:
             print(f"removing old checkpoint: {path}")
             os.remove(path)
 
+    def remove_step(self, step: int | None) -> None:
+        if step is not None:
+            self.remove(self.step_name(step))
+
+    def remove_epoch(self, epoch: int | None) -> None:
+        if epoch is not None:
+            self.remove(self.epoch_name(epoch))
+
     def step_name(self, step: int) -> str:
         return f"{self.args.output_name}-step{step:08d}.safetensors"
 
@@ -398,22 +406,11 @@ def make_epoch_batches(subsets: list[Subset], batch_size: int, rng: random.Rando
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def train(args: argparse.Namespace) -> None:
-    import torch
-
-    # the monitor evaluates beside this process on few cores: one thread keeps both near full speed
-    torch.set_num_threads(1)
+def load_models(args: argparse.Namespace, subsets: list[Subset]) -> tuple[Any, Any, Any, Any]:
+    """Load the base model, cache latents and text states; returns (unet, scheduler, latents, states)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from tqdm import tqdm
     from transformers import CLIPTextModel
 
-    if args.seed is None:
-        args.seed = random.randint(0, 2**32)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    print("accelerator device: cpu")
-    subsets = load_subsets(Path(args.train_data_dir), args.caption_extension)
     model_dir = Path(args.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(args, model_dir)
     logger.info("loading model for process 0/1")
@@ -425,28 +422,79 @@ def train(args: argparse.Namespace) -> None:
     for m in (vae, text_encoder, unet):
         m.requires_grad_(False)
         m.eval()
-    latents, states = encode_dataset(
-        args, subsets, {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
-    )
-    del vae, text_encoder
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    latents, states = encode_dataset(args, subsets, parts)
+    return unet, scheduler, latents, states
+
+
+def add_lora(args: argparse.Namespace, unet: Any) -> list[Any]:
+    """Wrap the U-Net's layers in a peft LoRA (rank network_dim, alpha network_alpha); returns its params."""
+    from peft import LoraConfig
 
     print(f"import network module: {args.network_module}")
     logger.info(f"create LoRA network. base dim (rank): {args.network_dim}, alpha: {args.network_alpha}")
+    if not args.network_train_unet_only:
+        logger.info("this trainer adds no text encoder LoRA: training the U-Net only")
     targets = lora_target_modules(unet)
-    unet.add_adapter(
-        LoraConfig(
-            r=args.network_dim, lora_alpha=args.network_alpha, target_modules=targets, init_lora_weights=True
-        )
+    config = LoraConfig(
+        r=args.network_dim, lora_alpha=args.network_alpha, target_modules=targets, init_lora_weights=True
     )
+    unet.add_adapter(config)
     logger.info(f"create LoRA for U-Net: {len(targets)} modules.")
     logger.info(f"enable LoRA for U-Net: {len(targets)} modules")
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def training_loss(unet: Any, scheduler: Any, latents: Any, cond: Any) -> Any:
+    """MSE of the U-Net's prediction at uniformly drawn timesteps, against the scheduler's target kind."""
+    import torch
+
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, cond).sample
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        target = latents
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+def log_step(writer: Any, step: int, current: float, average: float, lr: float) -> None:
+    """kohya's per-step TensorBoard scalars for a U-Net-only network (one parameter group)."""
+    if writer is None:
+        return
+    for tag, value in (
+        ("loss/current", current),
+        ("loss/average", average),
+        ("lr/unet", lr),
+        ("lr/group0", lr),
+    ):
+        writer.add_scalar(tag, value, step)
+
+
+def train(args: argparse.Namespace) -> None:
+    import torch
+
+    # the monitor evaluates beside this process on few cores: one thread keeps both near full speed
+    torch.set_num_threads(1)
+    from tqdm import tqdm
+
+    if args.seed is None:
+        args.seed = random.randint(0, 2**32)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    print("accelerator device: cpu")
+    subsets = load_subsets(Path(args.train_data_dir), args.caption_extension)
+    unet, scheduler, latents, states = load_models(args, subsets)
+    params = add_lora(args, unet)
     print("prepare optimizer, data loader etc.")
     logger.info("use AdamW optimizer | {}")
     lr = args.unet_lr if args.unet_lr is not None else args.learning_rate
     optimizer = torch.optim.AdamW(params, lr=lr)
-
     n_batches = math.ceil(sum(len(s.images) * s.repeats for s in subsets) / args.train_batch_size)
     if args.max_train_epochs is not None:
         args.max_train_steps = args.max_train_epochs * n_batches
@@ -456,69 +504,47 @@ def train(args: argparse.Namespace) -> None:
         )
     n_epochs = math.ceil(args.max_train_steps / n_batches)
     print_header(subsets, n_batches, n_epochs, args)
-    metadata = build_metadata(args, subsets, n_batches, n_epochs)
-    ckpt = Checkpointer(args, unet, metadata)
+    ckpt = Checkpointer(args, unet, build_metadata(args, subsets, n_batches, n_epochs))
     writer = make_summary_writer(args)
-    prediction_type = scheduler.config.prediction_type
     logger.info(f"unet dtype: {unet.dtype}, device: {unet.device}")
-    progress_bar = tqdm(range(args.max_train_steps), smoothing=0, desc="steps")
+    # kohya's bar; mininterval=0 because these steps can be faster than tqdm's 0.1 s redraw limit and
+    # every step must be drawn twice (with the previous average, then the updated one) as kohya's are
+    progress_bar = tqdm(range(args.max_train_steps), smoothing=0, desc="steps", mininterval=0)
     loss_recorder = LossRecorder()
     global_step = 0
     for epoch in range(n_epochs):
         print(f"\nepoch {epoch + 1}/{n_epochs}\n")
-        metadata["ss_epoch"] = str(epoch + 1)
+        ckpt.metadata["ss_epoch"] = str(epoch + 1)
         logger.info(f"epoch is incremented. current_epoch: {epoch}, epoch: {epoch + 1}")
         batches = make_epoch_batches(subsets, args.train_batch_size, random.Random(args.seed + epoch))
         for step, idx in enumerate(batches):
-            lat, cond = latents[idx], states[idx]
-            noise = torch.randn_like(lat)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (lat.shape[0],))
-            pred = unet(scheduler.add_noise(lat, noise, timesteps), timesteps, cond).sample
-            if prediction_type == "sample":
-                target = lat
-            elif prediction_type == "v_prediction":
-                target = scheduler.get_velocity(lat, noise, timesteps)
-            else:
-                target = noise
-            loss = torch.nn.functional.mse_loss(pred, target)
+            loss = training_loss(unet, scheduler, latents[idx], states[idx])
             loss.backward()
             if args.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+            # kohya's order: advance the bar (drawn with the old average), save, then show the new average
             progress_bar.update(1)
             global_step += 1
             if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
                 ckpt.save(ckpt.step_name(global_step), global_step, epoch)
-                old = remove_step_no(args, global_step)
-                if old is not None:
-                    ckpt.remove(ckpt.step_name(old))
+                ckpt.remove_step(remove_step_no(args, global_step))
             current_loss = loss.detach().item()
             loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
-            avr_loss = loss_recorder.moving_average
-            progress_bar.set_postfix(avr_loss=avr_loss)
-            if writer is not None:
-                for tag, value in (
-                    ("loss/current", current_loss),
-                    ("loss/average", avr_loss),
-                    ("lr/unet", lr),
-                    ("lr/group0", lr),
-                ):
-                    writer.add_scalar(tag, value, global_step)
+            progress_bar.set_postfix(avr_loss=loss_recorder.moving_average)
+            log_step(writer, global_step, current_loss, loss_recorder.moving_average, lr)
             if global_step >= args.max_train_steps:
                 break
         if writer is not None:
             writer.add_scalar("loss/epoch_average", loss_recorder.moving_average, epoch + 1)
             writer.flush()
-        if args.save_every_n_epochs is not None:
-            if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < n_epochs:
-                ckpt.save(ckpt.epoch_name(epoch + 1), global_step, epoch + 1)
-                old = remove_epoch_no(args, epoch + 1)
-                if old is not None:
-                    ckpt.remove(ckpt.epoch_name(old))
+        every = args.save_every_n_epochs
+        if every is not None and (epoch + 1) % every == 0 and (epoch + 1) < n_epochs:
+            ckpt.save(ckpt.epoch_name(epoch + 1), global_step, epoch + 1)
+            ckpt.remove_epoch(remove_epoch_no(args, epoch + 1))
 
-    metadata["ss_training_finished_at"] = str(time.time())
     if writer is not None:
         writer.close()
     ckpt.save(f"{args.output_name}.safetensors", global_step, n_epochs)
