@@ -30,6 +30,7 @@ from PIL import Image
 from lora_monitor.config import EvalConfig
 from lora_monitor.errors import EvalError, UserError
 from lora_monitor.lora_files import NotALoraError, lora_format, read_header
+from lora_monitor.lora_formats import normalize_lora_state
 from lora_monitor.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
     import diffusers
 
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"torch_dtype": device_dtype(device)}
+    kwargs: dict[str, Any] = {"dtype": device_dtype(device)}
     if not sdxl:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = Path(base_model)
@@ -209,11 +210,18 @@ def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         lora_format(header)
     except NotALoraError as exc:
-        raise EvalError(f"not a LoRA: {exc}") from None
+        # A cheap refusal from the header alone (e.g. a full model); other layouts are judged below.
+        if "no LoRA tensors" in str(exc) or "no tensors" in str(exc):
+            raise EvalError(f"not a LoRA: {exc}") from None
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
         raise EvalError(f"corrupt safetensors file ({_first_line(exc)})") from None
+    try:
+        # kohya, diffusers/peft, ai-toolkit and OneTrainer layouts -> what diffusers' loader reads
+        return normalize_lora_state(state, header.metadata)
+    except NotALoraError as exc:
+        raise EvalError(f"not a LoRA lora-monitor can load: {exc}") from None
 
 
 def touches_text_encoder(keys: list[str]) -> bool:

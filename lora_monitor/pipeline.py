@@ -120,7 +120,7 @@ def build_models(config: Config, out_root: Path, inputs: Inputs, sdxl: bool = Fa
         cache_dir=config.metrics.cache_dir or out_root / "eval" / ".cache",
     )
     warnings = list(scorer.set_references(inputs.references))
-    pipe = load_pipeline(str(config.base_model()), sdxl, device)
+    pipe = load_pipeline(str(config.base_model()), sdxl, device, memory=config.eval.memory)
     warnings += long_prompt_warnings(pipe, inputs.prompts)
     evaluator = Evaluator(pipe, inputs.prompts, config.eval, out_root)
     return Models(evaluator=evaluator, scorer=scorer, warnings=warnings)
