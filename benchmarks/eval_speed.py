@@ -283,7 +283,8 @@ def build_scorer(args: argparse.Namespace, workdir: Path, device: torch.device, 
     dino = args.visual_model or str(build_tiny_dino(workdir / "tiny-dino"))
     scorer = Scorer(clip, dino, device=str(device))
     refs = build_dataset(workdir / "references", n=20, size=min(size, 256))
-    scorer.set_references(find_reference_images(refs))
+    scorer.reference_files = find_reference_images(refs)  # the naive plan embeds them again per checkpoint
+    scorer.set_references(scorer.reference_files)
     return scorer
 
 
@@ -329,6 +330,9 @@ def compare(
     for k, path in enumerate(timed):
         started = time.perf_counter()
         images, swap = naive_checkpoint(setup, path, cfg, texts, f"naive{k}")
+        # The seed's plan embedded the reference images at every evaluation (anchors.md: "embeddings for
+        # 5 generated + 20 reference images"); no disk cache here, so this recomputes them.
+        scorer.set_references(scorer.reference_files)
         scorer.score(images, texts)
         meter.sync()
         naive_times.append(time.perf_counter() - started)

@@ -82,7 +82,7 @@ def eval_dir(
     """Evaluate the LoRA files in FOLDER in step order, skipping those already in the CSV."""
     import dataclasses
 
-    from lora_monitor.runner import run_eval_dir
+    from lora_monitor.eval_dir import run_eval_dir
 
     config = _config(config_path)
     overrides = {

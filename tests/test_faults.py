@@ -173,3 +173,22 @@ def test_second_monitor_on_the_same_folder_is_refused(tmp_path: Path, demo_asset
         first.communicate(timeout=120)
     assert first.returncode == 0
     assert not (out / ".lora-monitor.lock").exists()
+
+
+def test_early_stop_stops_kohya_and_exits_0(tmp_path: Path, demo_assets) -> None:
+    """An early stop during train: kohya is stopped cleanly, queued evaluations finish, the reason is recorded."""
+    # Asking colour loss to *rise* makes the rule fire at the second evaluation, since training lowers it.
+    config = write_config(tmp_path, demo_assets, kohya={"max_train_steps": 400})
+    text = config.read_text().replace('monitor = "eval_score"\npatience = 3',
+                                      'monitor = "color_loss"\nmode = "max"\npatience = 1')
+    text = text.replace("[early_stopping]\nenabled = false", "[early_stopping]\nenabled = true")
+    config.write_text(text)
+    result = cli("train", "--config", str(config), cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "early stop at step" in result.stdout
+    out = tmp_path / "output"
+    saved = sorted(out.glob("demo_dress-step*.safetensors"))
+    assert 2 <= len(saved) < 40  # stopped long before step 400
+    assert not (out / "demo_dress.safetensors").exists()  # kohya does not save on interrupt
+    assert not _trainers_of(tmp_path)
+    assert "early stop" in (out / "report.html").read_text()
