@@ -109,7 +109,8 @@ def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: boo
     slot = process_slot()
     if slot.world > 1:
         config = _per_process_device(config, slot)
-        view.message(f"process {slot.rank} of {slot.world}: every {slot.world}th file from number {slot.rank}")
+        view.message(f"process {slot.rank} of {slot.world}: evaluates files {slot.rank}, {slot.rank + slot.world}, "
+                     "... of the folder's sorted list")
     if not slot.primary:
         _wait_for_header(csv_path)
         return _evaluate(config, folder, csv_path, watch, view, inputs, slot)

@@ -113,9 +113,9 @@ def test_kohya_crash_reports_and_evaluates_what_was_saved(tmp_path: Path, demo_a
     assert (rows["status"] == "ok").sum() >= 2
 
 
-def _short_training(folder: Path, demo_assets) -> Path:
-    """Run the demo trainer alone for 10 steps; return its folder of LoRA files."""
-    args = {**demo_assets.kohya_args, "max_train_steps": 10, "save_every_n_steps": 10}
+def _short_training(folder: Path, demo_assets, steps: int = 10) -> Path:
+    """Run the demo trainer alone for `steps` steps (a file every 10); return its folder of LoRA files."""
+    args = {**demo_assets.kohya_args, "max_train_steps": steps, "save_every_n_steps": 10}
     argv = [sys.executable, str(TRAINER), "--pretrained_model_name_or_path", str(demo_assets.base_model),
             "--train_data_dir", str(demo_assets.train_data_dir), "--output_dir", str(folder),
             "--output_name", "demo_dress"]
