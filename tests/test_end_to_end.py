@@ -55,6 +55,9 @@ def test_demo_runs_the_whole_loop(demo_run: tuple[Path, subprocess.CompletedProc
         assert sorted(p.name for p in (out / "eval" / stem).glob("*.png")), stem
     assert (out / "best.json").exists()
     assert (out / "report.html").exists()
+    # lora-monitor's own TensorBoard run sits beside kohya's, so one --logdir shows both
+    assert list((out / "logs" / "lora-monitor").glob("events.out.tfevents.*"))
+    assert list((out / "logs").glob("*/network_train/events.out.tfevents.*"))
 
 
 def test_color_loss_falls_with_training(demo_run: tuple[Path, subprocess.CompletedProcess, float]) -> None:

@@ -27,3 +27,18 @@ def test_output_folder_is_a_file(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(UserError, match="is a file"):
         OutputLock(f).acquire()
+
+
+def test_read_only_folder_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only output folder (root ignores permission bits, so EROFS is injected)."""
+    import errno
+
+    from lora_monitor import lock as lock_mod
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(lock_mod.os, "open", refuse)
+    with pytest.raises(UserError, match="cannot write in the output folder \\(Read-only file system\\)"):
+        OutputLock(tmp_path).acquire()
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ scoring models (same on-disk formats as the real ones), a toy garment dataset an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from collections.abc import Callable
@@ -61,7 +62,8 @@ def demo_config_text(paths: Any, workdir: Path) -> str:
         + "\n" + _table("eval", eval_section)
         + "\n" + _table("metrics", metrics)
         + "\n" + _table("early_stopping", {"enabled": False, "monitor": "eval_score", "patience": 3})
-        + "\n" + _table("output", {"report": True})
+        # lora-monitor's metrics beside kohya's loss in TensorBoard, when the optional extra is installed
+        + "\n" + _table("output", {"report": True, "tensorboard": importlib.util.find_spec("tensorboard") is not None})
     )
 
 
