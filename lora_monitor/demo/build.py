@@ -14,18 +14,14 @@ rebuilt in a temporary sibling and moved into place, so an interrupted build nev
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_monitor.demo.build_cache import build_once
+
 # Bump when a builder's output changes, so existing work folders are rebuilt.
 RECIPE_VERSION = 1
-_RECIPE_FILE = "demo_recipe.json"
 IMAGE_SIZE = 64
 N_IMAGES = 8
 REPEATS = 10
@@ -78,28 +74,6 @@ def sd_scripts_dir() -> Path:
     return Path(__file__).resolve().parent / "sd_scripts"
 
 
-def _build_once(target: Path, recipe: dict[str, Any], write: Callable[[Path], object]) -> Path:
-    """Reuse `target` if it was built from `recipe`; else build it in a temporary sibling and move it in."""
-    marker = target / _RECIPE_FILE
-    try:
-        if json.loads(marker.read_text(encoding="utf-8")) == recipe:
-            return target
-    except (OSError, ValueError):
-        pass
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        (tmp / _RECIPE_FILE).write_text(json.dumps(recipe, sort_keys=True), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def build_demo(workdir: Path) -> DemoPaths:
     """Build the demo's models and data in `workdir` (created; parts already built are reused).
 
@@ -113,12 +87,12 @@ def build_demo(workdir: Path) -> DemoPaths:
 
     workdir = Path(workdir)
     models = workdir / "models"
-    base = _build_once(
+    base = build_once(
         models / "tiny-sd",
         {"kind": "tiny-sd", "version": RECIPE_VERSION, "seed": SEED, "image_size": IMAGE_SIZE},
         lambda d: build_tiny_sd(d, seed=SEED, image_size=IMAGE_SIZE),
     )
-    data = _build_once(
+    data = build_once(
         workdir / "data",
         {
             "kind": "dataset",

@@ -15,15 +15,12 @@ Their embeddings carry no meaning; they exist so the whole scoring path runs in 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-_RECIPE_FILE = "tiny_model_recipe.json"
+from lora_monitor.demo.build_cache import build_once
+
 _RECIPE_VERSION = 1
 # ImageNet statistics as used by DINO; the OpenAI ones as used by CLIP models.
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -50,43 +47,13 @@ TINY_CLIP_CONFIG: dict = {
 def build_tiny_fashion_clip(directory: Path, seed: int = 0) -> Path:
     """Build (or reuse) a tiny open_clip CLIP in `directory`; returns the folder path (~7 MB)."""
     recipe = {"kind": "open_clip", "seed": seed, "version": _RECIPE_VERSION, "config": TINY_CLIP_CONFIG}
-    return _build_once(Path(directory), recipe, lambda tmp: _write_tiny_clip(tmp, seed))
+    return build_once(Path(directory), recipe, lambda tmp: _write_tiny_clip(tmp, seed))
 
 
 def build_tiny_dino(directory: Path, seed: int = 0) -> Path:
     """Build (or reuse) a tiny ViT (DINO-shaped, CLS token output) in `directory`; returns the folder path."""
     recipe = {"kind": "vit", "seed": seed, "version": _RECIPE_VERSION}
-    return _build_once(Path(directory), recipe, lambda tmp: _write_tiny_dino(tmp, seed))
-
-
-def _build_once(directory: Path, recipe: dict, write: Callable[[Path], None]) -> Path:
-    """Reuse `directory` if it holds this recipe; else build into a temporary sibling and move it in place.
-
-    Building beside the target and renaming keeps a half-written folder from ever looking complete.
-    """
-    marker = directory / _RECIPE_FILE
-    if marker.is_file() and _read_json(marker) == recipe:
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            write(tmp)
-        (tmp / _RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True), encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return build_once(Path(directory), recipe, lambda tmp: _write_tiny_dino(tmp, seed))
 
 
 def _write_tiny_clip(directory: Path, seed: int) -> None:
