@@ -108,6 +108,11 @@ class _Entry(Generic[T]):
         """Older first: by step, unknown steps (usually the final file) after known ones, then push order."""
         return (self.step is None, self.step if self.step is not None else 0, self.seq)
 
+    def newest_key(self) -> tuple[bool, int, int]:
+        """Newest first by step; of files saved at one step the first saved (kohya's step file before its
+        epoch or final twin, so the twin is the one reported as a duplicate)."""
+        return (self.step is None, self.step if self.step is not None else 0, -self.seq)
+
 
 class EvalQueue(Generic[T]):
     """Checkpoints waiting for evaluation. Thread-safe: the watcher pushes, the evaluator pops.
@@ -139,8 +144,10 @@ class EvalQueue(Generic[T]):
                 self._ready.wait_for(lambda: bool(self._entries), timeout=timeout)
             if not self._entries:
                 return None
-            pick = max if self.newest_first else min
-            entry = pick(self._entries, key=_Entry.age_key)
+            if self.newest_first:
+                entry = max(self._entries, key=_Entry.newest_key)
+            else:
+                entry = min(self._entries, key=_Entry.age_key)
             self._entries.remove(entry)
             return entry.item
 
@@ -154,7 +161,9 @@ class EvalQueue(Generic[T]):
     def pending(self) -> list[T]:
         """The pending items in the order `pop` would return them (nothing is removed)."""
         with self._ready:
-            return [e.item for e in sorted(self._entries, key=_Entry.age_key, reverse=self.newest_first)]
+            if self.newest_first:
+                return [e.item for e in sorted(self._entries, key=_Entry.newest_key, reverse=True)]
+            return [e.item for e in sorted(self._entries, key=_Entry.age_key)]
 
     def __len__(self) -> int:
         with self._ready:

@@ -28,11 +28,20 @@ log = logging.getLogger(__name__)
 LOSS_WAIT_S = 60.0  # longest a finished evaluation waits for kohya's post-save loss redraw
 
 
-def schedule_of(config: Config) -> EvalSchedule:
+class _EveryCheckpoint:
+    """No [eval] schedule: every file kohya saves, also an epoch file saved at the step of a step file."""
+
+    def should_eval(self, step: int | None, is_final: bool) -> bool:
+        return True
+
+
+def schedule_of(config: Config) -> EvalSchedule | _EveryCheckpoint:
     """[eval] every_n_steps or dynamic_schedule; with neither, every checkpoint kohya saves is evaluated."""
     if config.eval.dynamic_schedule:
         return EvalSchedule(dynamic=[(int(a), int(b)) for a, b in config.eval.dynamic_schedule])
-    return EvalSchedule(every_n_steps=config.eval.every_n_steps or 1)
+    if config.eval.every_n_steps:
+        return EvalSchedule(every_n_steps=config.eval.every_n_steps)
+    return _EveryCheckpoint()
 
 
 def ready_of(path: Path, output_name: str | None) -> ev.CheckpointReady:

@@ -104,7 +104,7 @@ Q = "q"  # marks a pop in the operation tables below
         (True, [("a", 10), ("b", 20), ("c", 30), Q], ["c"], ["b", "a"]),
         (True, [("a", 10), Q, ("b", 20), ("c", 30), Q, ("d", 40), Q], ["a", "c", "d"], ["b"]),
         (True, [("final", None), ("a", 10), Q], ["final"], ["a"]),
-        (True, [("b", 20), ("a", 20), Q], ["a"], ["b"]),
+        (True, [("b", 20), ("a", 20), Q], ["b"], ["a"]),  # same step: the first saved (kohya's step file)
         (False, [("b", 20), ("a", 10), ("c", 30), Q, Q], ["a", "b"], ["c"]),
         (False, [("final", None), ("a", 10), Q], ["a"], ["final"]),
         (True, [Q, ("a", 10), ("a", 10), Q, Q], [None, "a", None], []),

@@ -338,7 +338,7 @@ def test_sigint_after_the_first_save_evaluates_it_and_leaves_no_kohya(
     with pytest.raises(ProcessLookupError):
         os.killpg(kohya_pid, 0)  # nothing of kohya's process group remains
     assert kohya_left(sd_scripts) == []
-    assert "KeyboardInterrupt" in output  # kohya's traceback was read to its end
+    assert "kohya: KeyboardInterrupt" in output  # kohya's traceback was read to its end
 
     out = tmp_path / "output"
     assert sorted(p.name for p in out.glob("*.safetensors") if not p.stem.endswith("-best")) == [
