@@ -104,6 +104,25 @@ class Decisions:
         stop, reason = self.rule.decide(history) if self.rule.enabled else (False, "")
         return Verdict(stop=stop, reason=reason if stop else None, best_text=best_text, patience_text=patience)
 
+    def record_early_stop(self, reason: str, row: dict[str, str]) -> Path:
+        """`early_stop.json` beside best.json: why training was stopped, the history judged, the best."""
+        import json
+
+        from lora_monitor.best_checkpoint import atomic_write_bytes
+
+        record = {
+            "reason": reason,
+            "step": int(row["step"]) if row.get("step") else None,
+            "monitor": self.rule.monitor,
+            "mode": self.mode,
+            "patience": self.rule.patience,
+            "history": self.tracker.history(self.rule.monitor),
+            "best": (self.best_row or {}).get("checkpoint"),
+        }
+        path = self.output_dir / "early_stop.json"
+        atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+        return path
+
     def finish(self, early_stop: str | None, timings: dict[str, Any] | None = None) -> Path | None:
         if not self.config.output.report:
             return None

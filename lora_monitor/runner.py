@@ -123,6 +123,7 @@ class _Loop:
         if verdict.stop and self.stop_reason is None:
             self.stop_reason = verdict.reason
             self.view.message(f"early stop: {verdict.reason}")
+            self.decisions.record_early_stop(str(verdict.reason), row)
 
     def handle_common(self, item: Any) -> bool:
         if isinstance(item, ev.EvalResult):

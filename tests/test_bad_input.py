@@ -100,6 +100,12 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
     ("CSV path is a folder", lambda w, c: ((_lora_folder(w) / "x-step00000010.safetensors").write_bytes(b"x"),
                                            ["eval-dir", str(_lora_folder(w)), "--config", str(c),
                                             "--csv", str(w)])[1], "is a folder"),
+    ("FashionCLIP model not downloaded",
+     lambda w, c: (_replace(c, r'^fashion_clip_model = ".*"', 'fashion_clip_model = "hf-hub:Marqo/marqo-fashionCLIP"'),
+                   _train(w, c))[1], "hf download Marqo/marqo-fashionCLIP"),
+    ("DINO model not downloaded", lambda w, c: (_replace(c, r'^visual_model = ".*"',
+                                                         'visual_model = "facebook/dino-vits16"'),
+                                                _train(w, c))[1], "hf download facebook/dino-vits16"),
     ("score without references", lambda w, c: ["score", str(w), "--references", str(w / "none"),
                                                "--config", str(c)], "reference folder not found"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -192,3 +193,6 @@ def test_early_stop_stops_kohya_and_exits_0(tmp_path: Path, demo_assets) -> None
     assert not (out / "demo_dress.safetensors").exists()  # kohya does not save on interrupt
     assert not _trainers_of(tmp_path)
     assert "early stop" in (out / "report.html").read_text()
+    record = json.loads((out / "early_stop.json").read_text())
+    assert record["monitor"] == "color_loss" and record["mode"] == "max" and len(record["history"]) >= 2
+    assert record["reason"].startswith("early stop at step")
