@@ -52,3 +52,42 @@ def test_two_processes_share_one_csv_without_duplicates(tmp_path: Path, demo_ass
     assert set(rows["status"]) <= {"ok", "duplicate"}
     assert (out / "best.json").exists() and (out / "report.html").exists()
     assert not list(out.glob(".lora-monitor.*"))  # lock and peer markers cleaned up
+
+
+def test_watch_evaluates_new_files_until_ctrl_c(tmp_path: Path, demo_assets) -> None:
+    import signal
+    import time
+
+    from tests.conftest import start_cli
+
+    out = _short_training(tmp_path / "output", demo_assets, steps=20)
+    later = tmp_path / "later.safetensors"
+    (out / "demo_dress-step00000020.safetensors").rename(later)
+    (out / "demo_dress.safetensors").unlink()
+    config = write_config(tmp_path, demo_assets)
+    proc = start_cli("eval-dir", str(out), "--config", str(config), "--watch", cwd=tmp_path)
+    csv_path = out / "loss_tracker.csv"
+
+    def rows() -> int:
+        return len(pd.read_csv(csv_path)) if csv_path.exists() else 0
+
+    def wait(n: int) -> None:
+        end = time.monotonic() + 240
+        while rows() < n:
+            assert time.monotonic() < end and proc.poll() is None, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.3)
+
+    wait(1)
+    data = later.read_bytes()
+    with open(out / "demo_dress-step00000020.safetensors", "wb") as fh:  # written in place, in pieces
+        for i in range(0, len(data), len(data) // 4 + 1):
+            fh.write(data[i : i + len(data) // 4 + 1])
+            fh.flush()
+            time.sleep(0.2)
+    wait(2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    frame = pd.read_csv(csv_path)
+    assert list(frame["checkpoint"]) == ["demo_dress-step00000010.safetensors", "demo_dress-step00000020.safetensors"]
+    assert list(frame["status"]) == ["ok", "ok"]
