@@ -292,6 +292,8 @@ class Evaluator:
         self._adapter: str | None = None
         self._adapter_sig: frozenset[tuple[str, tuple[int, ...]]] | None = None
         self._embeds: dict[GroupKey, dict[str, torch.Tensor]] = {}  # base text encoder, once per run
+        # Exact copies (on the CPU) of base weights a LoRA was merged into, to put them back bit for bit.
+        self._base_copies: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
         set_scheduler(pipe, cfg.scheduler)
         ensure_sdpa(pipe)
         self._offloaded = is_offloaded(pipe)
@@ -431,11 +433,48 @@ class Evaluator:
                     images[i] = image
         return [im for im in images if im is not None]
 
+    def _adapter_modules(self) -> list[Any]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        name = self._adapter
+        return [
+            m
+            for model in self._models()
+            for m in model.modules()
+            if isinstance(m, BaseTunerLayer) and any(name in getattr(m, a, {}) for a in m.adapter_layer_names)
+        ]
+
+    @contextlib.contextmanager
+    def _merged(self) -> Iterator[None]:
+        """Fold the LoRA into the base weights while generating, then put the exact base weights back.
+
+        Merged, each layer does one matmul per step instead of three (measured on the demo's model, one
+        CPU thread: 2.66 s -> 1.92 s for 5 images). Restoring from a copy, not peft's unmerge arithmetic,
+        keeps the base bit-identical however many checkpoints pass. Skipped under CPU offload, where the
+        weights move between devices.
+        """
+        layers = [] if self._adapter is None or self._offloaded else self._adapter_modules()
+        try:
+            for layer in layers:
+                base = layer.get_base_layer()
+                if id(base) not in self._base_copies:
+                    self._base_copies[id(base)] = (base, base.weight.detach().to("cpu", copy=True))
+                layer.merge(adapter_names=[self._adapter])
+            yield
+        finally:
+            with torch.no_grad():
+                for layer in layers:
+                    base = layer.get_base_layer()
+                    if layer.merged_adapters:
+                        base.weight.copy_(self._base_copies[id(base)][1])
+                        layer.merged_adapters = []
+
     def _generate_with_fallback(self, te_lora: bool) -> list[Image.Image]:
         """On CUDA out-of-memory: halve the batch, then offload to CPU, then give up with the reason."""
         while True:
             try:
-                return self._run_batches(te_lora)
+                with self._merged():
+                    return self._run_batches(te_lora)
             except torch.cuda.OutOfMemoryError:
                 pass  # leave the except block first, so the traceback's tensors can be freed
             if self.device.type == "cuda":

@@ -379,3 +379,21 @@ def test_save_writes_images_and_manifest(make: Make, loras: Loras, tmp_path: Pat
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["step"] == 100 and manifest["seeds"] == [7, 8, 9]
     assert sorted(p.name for p in folder.glob("*.png")) == ["00.png", "01.png", "02.png"]
+
+
+def test_merged_generation_matches_the_adapter_and_restores_the_base_exactly(make: Make, loras: Loras) -> None:
+    """generate() folds the LoRA into the weights for speed; the images match the unmerged adapter's and
+    the base weights come back bit for bit, checkpoint after checkpoint."""
+    evaluator = make()
+    base_weights = {k.replace(".base_layer", ""): v.clone() for k, v in evaluator.pipe.unet.state_dict().items()
+                    if "lora_" not in k}
+    for name in ("a", "b", "a"):
+        merged = evaluator.generate(loras[name])
+        assert evaluator._adapter_modules()  # noqa: SLF001 - the LoRA is loaded ...
+        assert not any(m.merged_adapters for m in evaluator._adapter_modules())  # noqa: SLF001 - ... unmerged
+        unmerged = evaluator._run_batches(te_lora=False)  # noqa: SLF001 - the same LoRA through the adapter
+        for a, b in zip(pixels(merged), [np.asarray(im, dtype=np.int16) for im in unmerged], strict=True):
+            assert np.abs(a.astype(np.int16) - b).max() <= 2
+        now = {k.replace(".base_layer", ""): v for k, v in evaluator.pipe.unet.state_dict().items()
+               if "lora_" not in k}
+        assert all(torch.equal(now[k], v) for k, v in base_weights.items())
