@@ -49,3 +49,17 @@ def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "lora_monitor.cli", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def run_demo_trainer(folder: Path, assets: Any, output_name: str, **args: Any) -> Path:
+    """Run the bundled kohya-style trainer alone (no monitor) into `folder`; kohya args override the demo's."""
+    trainer = Path(__file__).resolve().parent.parent / "lora_monitor" / "demo" / "sd_scripts" / "train_network.py"
+    argv = [sys.executable, str(trainer), "--pretrained_model_name_or_path", str(assets.base_model),
+            "--train_data_dir", str(assets.train_data_dir), "--output_dir", str(folder), "--output_name", output_name]
+    for key, value in {**assets.kohya_args, **args}.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=300)
+    return folder

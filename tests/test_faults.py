@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import cli, start_cli, write_config
+from tests.conftest import cli, run_demo_trainer, start_cli, write_config
 
 TRAINER = Path(__file__).resolve().parent.parent / "lora_monitor" / "demo" / "sd_scripts" / "train_network.py"
 
@@ -116,17 +115,7 @@ def test_kohya_crash_reports_and_evaluates_what_was_saved(tmp_path: Path, demo_a
 
 def _short_training(folder: Path, demo_assets, steps: int = 10) -> Path:
     """Run the demo trainer alone for `steps` steps (a file every 10); return its folder of LoRA files."""
-    args = {**demo_assets.kohya_args, "max_train_steps": steps, "save_every_n_steps": 10}
-    argv = [sys.executable, str(TRAINER), "--pretrained_model_name_or_path", str(demo_assets.base_model),
-            "--train_data_dir", str(demo_assets.train_data_dir), "--output_dir", str(folder),
-            "--output_name", "demo_dress"]
-    for key, value in args.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False:
-            argv += [f"--{key}", str(value)]
-    subprocess.run(argv, check=True, capture_output=True, timeout=300)
-    return folder
+    return run_demo_trainer(folder, demo_assets, "demo_dress", max_train_steps=steps, save_every_n_steps=10)
 
 
 def test_broken_checkpoints_get_a_row_each_and_the_next_goes_on(tmp_path: Path, demo_assets) -> None:

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from tests.conftest import cli, start_cli, write_config
+from tests.conftest import cli, run_demo_trainer, start_cli, write_config
 from tests.kohya_replay import FIXTURE_OUT, FIXTURES, SAVES, SAVING_RE, merged, replay_plan
 
 TRAINER = Path(__file__).resolve().parent.parent / "lora_monitor" / "demo" / "sd_scripts" / "train_network.py"
@@ -195,16 +194,7 @@ def fixture_loras(tmp_path_factory: pytest.TempPathFactory, demo_assets: Any) ->
 
     folder = tmp_path_factory.mktemp("fixture-loras")
     trained = folder / "trained"
-    args = {**demo_assets.kohya_args, "max_train_steps": 3, "save_every_n_steps": 1}
-    argv = [sys.executable, str(TRAINER), "--pretrained_model_name_or_path", str(demo_assets.base_model),
-            "--train_data_dir", str(demo_assets.train_data_dir), "--output_dir", str(trained),
-            "--output_name", "demo"]
-    for key, value in args.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False:
-            argv += [f"--{key}", str(value)]
-    subprocess.run(argv, check=True, capture_output=True, timeout=300)
+    run_demo_trainer(trained, demo_assets, "demo", max_train_steps=3, save_every_n_steps=1)
     files = {}
     for name, (steps, epoch) in SAVES.items():
         source = trained / f"demo-step{steps // 2:08d}.safetensors"
