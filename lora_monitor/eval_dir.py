@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lora_monitor.live import LiveView
 from lora_monitor.lock import OutputLock
 from lora_monitor.lora_files import step_from_name, why_incomplete
 from lora_monitor.pipeline import EvalWorker, Inputs, build_models, check_inputs, drain
-from lora_monitor.runner import _Loop, _sort_key, ready_of, schedule_of
+from lora_monitor.runner import _Loop, _SignalCatcher, _sort_key, ready_of, schedule_of
 from lora_monitor.tracker import COLUMNS, Tracker
 from lora_monitor.watcher import CheckpointWatcher, is_candidate, list_checkpoints
 
@@ -154,22 +155,25 @@ def _evaluate(config: Config, folder: Path, csv_path: Path, watch: bool, view: L
                                     lambda p: loop.events.put(("removed", p)), ignore={p.name for p in files})
         watcher.start()
         view.message("watching for new checkpoints; Ctrl-C to stop")
-    try:
-        _follow(loop, worker, len(todo), watch)
-    except KeyboardInterrupt:
-        view.message("stopped (Ctrl-C); rows written so far are kept")
-    finally:
-        if watcher:
-            watcher.stop()
+    # Handlers of our own: a SIGINT inherited as ignored (nohup, `cmd &` in a script) must still stop --watch.
+    with _SignalCatcher() as caught:
+        try:
+            _follow(loop, worker, len(todo), watch, caught)
+        finally:
+            if watcher:
+                watcher.stop()
+    if caught.signum is not None:
+        view.message(f"stopped ({signal.Signals(caught.signum).name}); rows written so far are kept")
     _finish(loop, folder, csv_path, slot)
     if loop.fatal:
         raise UserError(loop.fatal)
-    return 0
+    # --watch runs until it is stopped: that is its normal end
+    return 0 if caught.signum is None or watch else 128 + caught.signum
 
 
-def _follow(loop: _Loop, worker: EvalWorker, expected: int, watch: bool) -> None:
-    """Write rows as results arrive, until every queued file has one (or forever with --watch)."""
-    while watch or expected > 0:
+def _follow(loop: _Loop, worker: EvalWorker, expected: int, watch: bool, caught: _SignalCatcher) -> None:
+    """Write rows as results arrive, until every queued file has one (with --watch: until a signal)."""
+    while (watch or expected > 0) and caught.signum is None:
         for item in drain(loop.events, 0.5):
             loop.handle_common(item)
         for _, result in loop.waiting:
