@@ -63,11 +63,11 @@ class Decisions:
             log.warning("could not read TensorBoard logs in %s: %s", folder, exc)
             return {}
 
-    def learning_rates(self) -> dict[int, float]:
+    def learning_rates(self, scalars: dict[str, dict[int, float]] | None = None) -> dict[int, float]:
         """Learning rate per step from kohya's TensorBoard logs (kohya never prints it)."""
         from lora_monitor.tb_scalars import learning_rate_at
 
-        scalars = self._scalars()
+        scalars = self._scalars() if scalars is None else scalars
         steps = set().union(*(s.keys() for s in scalars.values())) if scalars else set()
         out = {}
         for step in steps:
@@ -79,7 +79,7 @@ class Decisions:
     def facts_from_logs(self) -> TrainerFacts:
         """For eval-dir (no live trainer): loss and lr per step from kohya's TensorBoard logs, when present."""
         scalars = self._scalars()
-        facts = TrainerFacts(lr_at_step=self.learning_rates())
+        facts = TrainerFacts(lr_at_step=self.learning_rates(scalars))  # one read of the event files
         facts.loss_at_step = dict(scalars.get("loss/average", {}))
         return facts
 

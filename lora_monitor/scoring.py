@@ -12,11 +12,9 @@ from lora_monitor.prompts import load_prompts
 
 def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts_file: Path | None) -> dict[str, Any]:
     """Score every image in `images_dir` against `references_dir`; prompts (in file order) enable clip_t."""
-    from lora_monitor.metrics import Scorer, check_model_available
+    from lora_monitor.metrics import Scorer
     from lora_monitor.references import find_reference_images, load_image
 
-    check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
-    check_model_available(config.metrics.visual_model, "visual")
     references = find_reference_images(references_dir)
     if not Path(images_dir).is_dir():
         raise UserError(f"{images_dir}: not a folder; give the folder of images to score")
