@@ -2,8 +2,8 @@
 
 Naive ("the seed's plan"): per checkpoint, load the LoRA file into the loaded pipeline, generate one image
 per prompt in separate calls (each call encodes its prompt), drop the LoRA, score the images.
-Ours: `lora_monitor.evaluator.Evaluator.generate()` (LoRA swapped in place, prompts batched, prompt
-embeddings cached) + the same `lora_monitor.metrics.Scorer.score()`.
+Ours: `lora_monitor.evaluation.evaluator.Evaluator.generate()` (LoRA swapped in place, prompts batched, prompt
+embeddings cached) + the same `lora_monitor.evaluation.metrics.Scorer.score()`.
 
 Modes (all on one device per run):
   --tiny        the demo's tiny SD1.x model on the CPU, 64 px (minutes on a laptop CPU)
@@ -44,9 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lora_monitor import evaluator as ev  # noqa: E402
 from lora_monitor.config import EvalConfig  # noqa: E402
-from lora_monitor.prompts import Prompt  # noqa: E402
+from lora_monitor.evaluation import evaluator as ev  # noqa: E402
+from lora_monitor.evaluation.prompts import Prompt  # noqa: E402
 
 GIB = 2**30
 PROMPTS = [
@@ -276,8 +276,8 @@ def make_loras(unet: torch.nn.Module, folder: Path, count: int, rank: int) -> li
 def build_scorer(args: argparse.Namespace, workdir: Path, device: torch.device, size: int) -> Any:
     from lora_monitor.demo.dataset import build_dataset
     from lora_monitor.demo.scoring_models import build_tiny_dino, build_tiny_fashion_clip
-    from lora_monitor.metrics import Scorer
-    from lora_monitor.references import find_reference_images
+    from lora_monitor.evaluation.metrics import Scorer
+    from lora_monitor.evaluation.references import find_reference_images
 
     clip = args.fashion_clip_model or str(build_tiny_fashion_clip(workdir / "tiny-fashion-clip"))
     dino = args.visual_model or str(build_tiny_dino(workdir / "tiny-dino"))

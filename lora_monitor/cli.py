@@ -36,7 +36,7 @@ def _config(path: Path | None) -> Config:
 
 
 def _view() -> Any:
-    from lora_monitor.live import LiveView
+    from lora_monitor.tracking.live import LiveView
 
     return LiveView()
 
@@ -107,7 +107,7 @@ def eval_dir(
 @_user_errors
 def score(images_dir: Path, references: Path, config_path: Path | None, prompts: Path | None, as_json: bool) -> None:
     """Score a folder of images against reference images with the same metric code."""
-    from lora_monitor.scoring import score_folder
+    from lora_monitor.evaluation.scoring import score_folder
 
     config = _config(config_path)
     result = score_folder(config, images_dir, references, prompts)
@@ -125,10 +125,10 @@ def score(images_dir: Path, references: Path, config_path: Path | None, prompts:
 @_user_errors
 def report(folder: Path, config_path: Path | None, csv_path: Path | None) -> None:
     """Write FOLDER/report.html from the run's CSV and images."""
-    from lora_monitor.decisions import write_report
+    from lora_monitor.policies.decisions import write_report
+    from lora_monitor.run_spec import eval_dir_spec
 
-    config = _config(config_path)
-    path = write_report(config, folder.resolve(), csv_path or config.csv_path(folder.resolve()))
+    path = write_report(eval_dir_spec(_config(config_path), folder, csv_path))
     click.echo(str(path))
 
 
@@ -138,6 +138,7 @@ def report(folder: Path, config_path: Path | None, csv_path: Path | None) -> Non
 def demo(workdir: Path | None) -> None:
     """Build the offline demo (tiny model, toy garments, config) and run `train` on it."""
     from lora_monitor.demo.run import prepare_demo
+    from lora_monitor.run_spec import train_spec
     from lora_monitor.train_loop import run_train
 
     config_path = prepare_demo(workdir, echo=lambda m: click.echo(f"[lora-monitor] {m}"))
@@ -145,7 +146,8 @@ def demo(workdir: Path | None) -> None:
     with _view() as view:
         code = run_train(config, view)
     click.echo(f"[lora-monitor] demo finished (exit {code}); config: {config_path}")
-    click.echo(f"[lora-monitor] CSV: {config.csv_path()}  report: {config.output_dir / 'report.html'}")
+    spec = train_spec(config)
+    click.echo(f"[lora-monitor] CSV: {spec.csv_path}  report: {spec.output_dir / 'report.html'}")
     sys.exit(code)
 
 

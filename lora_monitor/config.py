@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_monitor.columns import DEFAULT_WEIGHTS, LOSS_KEYS, MONITORABLE
 from lora_monitor.errors import UserError
 
 # kohya arguments whose values are paths; relative ones are resolved against the config file.
@@ -75,7 +76,7 @@ class MetricsConfig:
     fashion_clip_model: str = "hf-hub:Marqo/marqo-fashionCLIP"
     visual_model: str = "facebook/dino-vits16"
     weights: dict[str, float] = field(
-        default_factory=lambda: {"visual_loss": 0.2, "fashion_clip_loss": 0.6, "color_loss": 0.2}
+        default_factory=lambda: dict(DEFAULT_WEIGHTS)
     )
     cache_dir: Path | None = None
 
@@ -107,35 +108,6 @@ class Config:
     source: Path | None = None
     text: str = ""
 
-    # Derived values: kohya's arguments are the authority where [eval]/[output] say nothing.
-    @property
-    def output_dir(self) -> Path | None:
-        value = self.kohya.args.get("output_dir") if self.kohya else None
-        return Path(value) if value else None
-
-    @property
-    def output_name(self) -> str:
-        value = self.kohya.args.get("output_name") if self.kohya else None
-        return str(value) if value else "last"
-
-    def base_model(self) -> str | None:
-        if self.eval.base_model:
-            return self.eval.base_model
-        value = self.kohya.args.get("pretrained_model_name_or_path") if self.kohya else None
-        return str(value) if value else None
-
-    def references(self) -> Path | None:
-        if self.eval.references:
-            return self.eval.references
-        value = self.kohya.args.get("train_data_dir") if self.kohya else None
-        return Path(value) if value else None
-
-    def csv_path(self, output_dir: Path | None = None) -> Path | None:
-        if self.output.csv:
-            return self.output.csv
-        folder = output_dir or self.output_dir
-        return folder / "loss_tracker.csv" if folder else None
-
 
 SECTIONS: dict[str, type] = {
     "kohya": KohyaConfig,
@@ -144,8 +116,6 @@ SECTIONS: dict[str, type] = {
     "early_stopping": EarlyStoppingConfig,
     "output": OutputConfig,
 }
-# Keys whose tables are free-form (passed through), not schema-checked key by key.
-FREE_TABLES = {("kohya", "args"), ("kohya", "accelerate"), ("metrics", "weights")}
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -276,11 +246,11 @@ def _resolve_metrics(metrics: MetricsConfig, base: Path, source: Path) -> Metric
     for key in ("fashion_clip_model", "visual_model"):
         value = getattr(metrics, key)
         models[key] = str(_resolve(Path(value), base)) if _looks_like_path(value, base) else value
-    valid = {"visual_loss", "fashion_clip_loss", "color_loss"}
+    valid = set(LOSS_KEYS)
     for key in metrics.weights:
         if key not in valid:
             raise UserError(f"{source}: metrics.weights.{key}: unknown metric; {_closest(key, sorted(valid))}")
-    weights = {"visual_loss": 0.0, "fashion_clip_loss": 0.0, "color_loss": 0.0, **metrics.weights}
+    weights = {**dict.fromkeys(LOSS_KEYS, 0.0), **metrics.weights}
     return dataclasses.replace(metrics, **models, weights=weights, cache_dir=_resolve(metrics.cache_dir, base))
 
 
@@ -304,12 +274,10 @@ def validate(config: Config) -> None:
                 f"{where}: eval.dynamic_schedule[{i}] = {pair}: use [until_step, every] with positive numbers"
             )
     es = config.early_stopping
-    from lora_monitor.early_stopping import METRIC_MODES
-
-    if es.monitor not in METRIC_MODES:
+    if es.monitor not in MONITORABLE:
         raise UserError(
             f"{where}: early_stopping.monitor = {es.monitor!r} is not a metric; "
-            f"{_closest(es.monitor, sorted(METRIC_MODES))} (valid: {', '.join(sorted(METRIC_MODES))})"
+            f"{_closest(es.monitor, sorted(MONITORABLE))} (valid: {', '.join(sorted(MONITORABLE))})"
         )
     if es.mode not in (None, "min", "max"):
         raise UserError(f"{where}: early_stopping.mode = {es.mode!r}: use 'min' or 'max'")

@@ -12,18 +12,24 @@ import dataclasses
 import os
 import signal
 import time
+import zlib
 from pathlib import Path
 
 from lora_monitor import events as ev
+from lora_monitor.checkpoints.files import read_header, step_from_name, why_incomplete
+from lora_monitor.checkpoints.watcher import CheckpointWatcher, is_candidate, list_checkpoints
+from lora_monitor.columns import COLUMNS
 from lora_monitor.config import Config
 from lora_monitor.errors import UserError
-from lora_monitor.live import LiveView
+from lora_monitor.evaluation.inputs import Inputs, check_inputs
+from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
+from lora_monitor.kohya.tensorboard import StepFacts, read_run, run_for_session
 from lora_monitor.lock import OutputLock
-from lora_monitor.lora_files import step_from_name, why_incomplete
-from lora_monitor.pipeline import EvalWorker, Inputs, build_models, check_inputs, drain
-from lora_monitor.runner import _Loop, _SignalCatcher, _sort_key, ready_of, schedule_of
-from lora_monitor.tracker import COLUMNS, Tracker
-from lora_monitor.watcher import CheckpointWatcher, is_candidate, list_checkpoints
+from lora_monitor.run_spec import RunSpec, eval_dir_spec
+from lora_monitor.run_state import RunState, SignalCatcher, checkpoint_order, ready_of
+from lora_monitor.tracking.live import LiveView
+from lora_monitor.tracking.rows import TrainingValues
+from lora_monitor.tracking.tracker import Tracker
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PEER_WAIT_S = 3600.0  # how long process 0 waits for the other processes before writing the report
@@ -42,6 +48,10 @@ class Slot:
 
     def mine(self, index: int) -> bool:
         return index % self.world == self.rank
+
+    def owns(self, name: str) -> bool:
+        """A file that appears later (--watch): a split by name that every process computes alike."""
+        return zlib.crc32(name.encode("utf-8")) % self.world == self.rank
 
 
 def process_slot(env: dict[str, str] | None = None) -> Slot:
@@ -66,7 +76,7 @@ def _check_folder(folder: Path, watch: bool) -> None:
     raise UserError(f"{folder}: no LoRA .safetensors files; give the folder kohya saves into (output_dir)")
 
 
-def _report_unusable(loop: _Loop, folder: Path, files: list[Path], done: set[str], slot: Slot) -> None:
+def _report_unusable(loop: RunState, folder: Path, files: list[Path], done: set[str], slot: Slot) -> None:
     """Files that cannot be evaluated: a row for a broken .safetensors file, a message for pickle formats."""
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and slot.primary:
@@ -77,7 +87,7 @@ def _report_unusable(loop: _Loop, folder: Path, files: list[Path], done: set[str
     for index, path in enumerate(broken):
         reason = why_incomplete(path)
         if reason and slot.mine(index):
-            loop.write_result(ev.EvalResult(path, step_from_name(path)[0], error=reason))
+            loop.write_result(ev.EvalResult(path, step_from_name(path)[0], error=reason), TrainingValues())
 
 
 def _wait_for_header(csv_path: Path, timeout: float = 300.0) -> None:
@@ -94,6 +104,33 @@ def _wait_for_header(csv_path: Path, timeout: float = 300.0) -> None:
     raise UserError(f"{csv_path}: process 0 did not create the CSV within {timeout:.0f} s; is it running?")
 
 
+class SessionLogs:
+    """kohya's TensorBoard values for files already on disk, from the run that wrote them.
+
+    Each file names its training session (`ss_training_started_at`); only the log run of that session is
+    read (`run_for_session`), so files of another run never get this folder's losses. Files without that
+    metadata, or whose run's logs are gone, get empty loss and learning-rate cells.
+    """
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.logging_dir = spec.logging_dir
+        self._by_start: dict[float | None, StepFacts | None] = {}
+
+    def of(self, checkpoint: Path) -> StepFacts | None:
+        started = _started_at(checkpoint)
+        if started not in self._by_start:
+            run = run_for_session(self.logging_dir, started) if self.logging_dir else None
+            self._by_start[started] = read_run(run) if run is not None else None
+        return self._by_start[started]
+
+
+def _started_at(checkpoint: Path) -> float | None:
+    try:
+        return float(read_header(checkpoint).metadata["ss_training_started_at"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _peer_marker(folder: Path, rank: int) -> Path:
     return folder / f".lora-monitor.rank{rank}.done"
 
@@ -101,24 +138,21 @@ def _peer_marker(folder: Path, rank: int) -> Path:
 def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: bool, view: LiveView) -> int:
     folder = folder.resolve()
     _check_folder(folder, watch)
-    csv_path = csv_path or config.csv_path(folder) or folder / "loss_tracker.csv"
-    inputs = check_inputs(config)
-    if config.output.tensorboard:
-        from lora_monitor.tb_writer import check_available
-
-        check_available()
+    spec = eval_dir_spec(config, folder, csv_path)
+    csv_path = spec.csv_path
+    inputs = check_inputs(spec)
     slot = process_slot()
     if slot.world > 1:
-        config = _per_process_device(config, slot)
+        spec = dataclasses.replace(spec, config=_per_process_device(config, slot))
         view.message(f"process {slot.rank} of {slot.world}: evaluates files {slot.rank}, {slot.rank + slot.world}, "
                      "... of the folder's sorted list")
     if not slot.primary:
         _wait_for_header(csv_path)
-        return _evaluate(config, folder, csv_path, watch, view, inputs, slot)
+        return _evaluate(spec, watch, view, inputs, slot)
     for rank in range(1, slot.world):
         _peer_marker(folder, rank).unlink(missing_ok=True)
     with OutputLock(folder):
-        return _evaluate(config, folder, csv_path, watch, view, inputs, slot)
+        return _evaluate(spec, watch, view, inputs, slot)
 
 
 def _per_process_device(config: Config, slot: Slot) -> Config:
@@ -131,34 +165,33 @@ def _per_process_device(config: Config, slot: Slot) -> Config:
     return dataclasses.replace(config, eval=dataclasses.replace(config.eval, device=f"cuda:{local}"))
 
 
-def _evaluate(config: Config, folder: Path, csv_path: Path, watch: bool, view: LiveView, inputs: Inputs,
-              slot: Slot) -> int:
-    loop = _Loop(config, folder, csv_path, view, primary=slot.primary)
-    output_name = config.output_name if config.kohya else None
+def _evaluate(spec: RunSpec, watch: bool, view: LiveView, inputs: Inputs, slot: Slot) -> int:
+    folder, csv_path = spec.output_dir, spec.csv_path
+    loop = RunState(spec, view, primary=slot.primary)
+    output_name = spec.output_name
     done = loop.tracker.done()
-    sdxl = config.kohya.sdxl if config.kohya else False
-    worker = EvalWorker(lambda: build_models(config, folder, inputs, sdxl), loop.events.put, newest_first=False)
-    files = sorted(list_checkpoints(folder), key=lambda p: _sort_key(p, output_name))
+    worker = EvalWorker(lambda: build_models(spec, inputs), loop.events.put, newest_first=False)
+    files = sorted(list_checkpoints(folder), key=lambda p: checkpoint_order(p, output_name))
     _report_unusable(loop, folder, files, done, slot)
-    schedule = schedule_of(config)
+    schedule = spec.schedule()
     todo = [ready_of(p, output_name) for i, p in enumerate(files) if slot.mine(i) and p.name not in done]
     todo = [r for r in todo if schedule.should_eval(r.step, r.is_final)]
     view.message(f"{len(files)} LoRA files in {folder}; {len(todo)} to evaluate here, "
                  f"{sum(p.name in done for p in files)} already in {csv_path.name}")
-    loop.facts = loop.decisions.facts_from_logs()
+    logs = SessionLogs(spec)
     worker.start()
     for ready in todo:
         worker.submit(ready)
     watcher = None
     if watch:
-        watcher = CheckpointWatcher(folder, lambda p: worker.submit(ready_of(p, output_name)),
-                                    lambda p: loop.events.put(("removed", p)), ignore={p.name for p in files})
+        watcher = CheckpointWatcher(folder, lambda p: loop.events.put(ev.FileComplete(p)),
+                                    lambda p: loop.events.put(ev.FileDeleted(p)), ignore={p.name for p in files})
         watcher.start()
         view.message("watching for new checkpoints; Ctrl-C to stop")
     # Handlers of our own: a SIGINT inherited as ignored (nohup, `cmd &` in a script) must still stop --watch.
-    with _SignalCatcher() as caught:
+    with SignalCatcher() as caught:
         try:
-            _follow(loop, worker, len(todo), watch, caught)
+            _follow(loop, worker, logs, len(todo), watch, caught, slot)
         finally:
             if watcher:
                 watcher.stop()
@@ -171,13 +204,21 @@ def _evaluate(config: Config, folder: Path, csv_path: Path, watch: bool, view: L
     return 0 if caught.signum is None or watch else 128 + caught.signum
 
 
-def _follow(loop: _Loop, worker: EvalWorker, expected: int, watch: bool, caught: _SignalCatcher) -> None:
+def _follow(loop: RunState, worker: EvalWorker, logs: SessionLogs, expected: int, watch: bool,
+            caught: SignalCatcher, slot: Slot) -> None:
     """Write rows as results arrive, until every queued file has one (with --watch: until a signal)."""
+    schedule = loop.spec.schedule()
     while (watch or expected > 0) and caught.signum is None:
         for item in drain(loop.events, 0.5):
-            loop.handle_common(item)
+            if isinstance(item, ev.FileComplete):
+                # a new file under --watch: the same schedule, queue and split as the files found at start
+                ready = ready_of(item.path, loop.spec.output_name)
+                if slot.owns(item.path.name) and schedule.should_eval(ready.step, ready.is_final):
+                    worker.submit(ready)
+            else:
+                loop.handle_common(item, time.monotonic())
         for _, result in loop.waiting:
-            loop.write_result(result)
+            loop.write_result(result, loop.values_at(result.step, logs.of(result.checkpoint)))
             expected -= 1
         loop.waiting.clear()
         loop.view.set_queue([r.path.name for r in worker.pending()],
@@ -187,7 +228,7 @@ def _follow(loop: _Loop, worker: EvalWorker, expected: int, watch: bool, caught:
             return
 
 
-def _finish(loop: _Loop, folder: Path, csv_path: Path, slot: Slot) -> None:
+def _finish(loop: RunState, folder: Path, csv_path: Path, slot: Slot) -> None:
     if not slot.primary:
         _peer_marker(folder, slot.rank).write_text(str(os.getpid()))
         loop.close()
@@ -201,6 +242,6 @@ def _finish(loop: _Loop, folder: Path, csv_path: Path, slot: Slot) -> None:
         loop.tracker = loop.decisions.tracker = Tracker(csv_path)  # every process's rows, for best and report
         if loop.tracker.rows:
             last = loop.tracker.rows[-1]
-            loop.decisions.after_row(last, folder / last["checkpoint"])
+            loop.decisions.after_row(last)
     loop.decisions.finish(early_stop=None)
     loop.close()

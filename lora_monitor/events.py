@@ -21,13 +21,15 @@ class TrainProgress:
     """One redraw of kohya's `steps:` tqdm bar.
 
     `loss` is the `avr_loss` shown with this redraw (None before the first step finished);
-    `rate` is steps per second as tqdm printed it (None when not shown).
+    `rate` is steps per second as tqdm printed it (None when not shown); `epoch` the 1-based epoch in
+    force (None before kohya printed one).
     """
 
     step: int
     total: int
     loss: float | None = None
     rate: float | None = None
+    epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,31 @@ class EvalResult:
     note: str | None = None
     seconds: float | None = None
     skipped: bool = False  # e.g. kohya deleted the file (--save_last_n_steps) before its turn
+
+
+@dataclass(frozen=True)
+class FileComplete:
+    """The watcher saw a LoRA file completely written (its header accounts for its size)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class FileDeleted:
+    """A LoRA file vanished before it was complete (kohya's --save_last_n_* removing old saves)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class EvalWarning:
+    """Something the user should know about evaluation (a prompt cut at 77 tokens, ...); the run goes on."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class EvalDisabled:
+    """The evaluator could not start (a model missing, ...); training goes on without evaluation."""
+
+    reason: str

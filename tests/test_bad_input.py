@@ -131,9 +131,9 @@ def test_long_prompt_is_a_warning_not_an_error(tmp_path: Path, demo_assets) -> N
     import torch
 
     from lora_monitor.demo.sd_model import build_tiny_sd  # noqa: F401 - the tokenizer comes with the model
-    from lora_monitor.evaluator import load_pipeline
-    from lora_monitor.pipeline import long_prompt_warnings
-    from lora_monitor.prompts import Prompt
+    from lora_monitor.evaluation.evaluator import load_pipeline
+    from lora_monitor.evaluation.prompts import Prompt
+    from lora_monitor.evaluation.worker import long_prompt_warnings
 
     pipe = load_pipeline(str(demo_assets.base_model), False, torch.device("cpu"))
     long = Prompt(" ".join(["a red silk dress with pleats"] * 20))

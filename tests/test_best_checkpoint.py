@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from lora_monitor import best_checkpoint
-from lora_monitor.best_checkpoint import (
+from lora_monitor.policies import best_checkpoint
+from lora_monitor.policies.best_checkpoint import (
     BEST_JSON,
     atomic_write_bytes,
     best_file_name,
@@ -85,7 +85,7 @@ def test_write_best_publishes_link_and_json(run_dir: Path) -> None:
     best = row(
         "a-step00000020.safetensors", "20", eval_score="0.3", clip_t="0.31", epoch="2", note="", lpips="0.7"
     )
-    write_best(run_dir, "a", best, "lowest eval_score", ckpt(run_dir, 20))
+    write_best(run_dir, best_file_name("a"), best, "lowest eval_score", ckpt(run_dir, 20))
     target = run_dir / best_file_name("a")
     assert target.name == "a-best.safetensors"
     assert target.read_bytes() == ckpt(run_dir, 20).read_bytes()
@@ -100,8 +100,8 @@ def test_write_best_publishes_link_and_json(run_dir: Path) -> None:
 
 def test_replacing_best_keeps_old_checkpoint_intact(run_dir: Path) -> None:
     old_bytes = ckpt(run_dir, 10).read_bytes()
-    write_best(run_dir, "a", row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
-    write_best(run_dir, "a", row("a-step00000030.safetensors", 30), "r", ckpt(run_dir, 30))
+    write_best(run_dir, best_file_name("a"), row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
+    write_best(run_dir, best_file_name("a"), row("a-step00000030.safetensors", 30), "r", ckpt(run_dir, 30))
     assert ckpt(run_dir, 10).read_bytes() == old_bytes
     assert (run_dir / "a-best.safetensors").read_bytes() == ckpt(run_dir, 30).read_bytes()
     assert json.loads((run_dir / BEST_JSON).read_text())["step"] == 30
@@ -109,7 +109,7 @@ def test_replacing_best_keeps_old_checkpoint_intact(run_dir: Path) -> None:
 
 def test_same_checkpoint_twice_leaves_no_temp(run_dir: Path) -> None:
     for rule in ("first", "second"):
-        write_best(run_dir, "a", row("a-step00000020.safetensors", 20), rule, ckpt(run_dir, 20))
+        write_best(run_dir, best_file_name("a"), row("a-step00000020.safetensors", 20), rule, ckpt(run_dir, 20))
     assert json.loads((run_dir / BEST_JSON).read_text())["rule"] == "second"
     assert leftovers(run_dir) == []
 
@@ -119,7 +119,7 @@ def test_copy_fallback_when_hard_links_fail(run_dir: Path, monkeypatch: pytest.M
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(best_checkpoint.os, "link", no_link)
-    write_best(run_dir, "a", row("a-step00000020.safetensors", 20), "r", ckpt(run_dir, 20))
+    write_best(run_dir, best_file_name("a"), row("a-step00000020.safetensors", 20), "r", ckpt(run_dir, 20))
     target = run_dir / "a-best.safetensors"
     assert target.read_bytes() == ckpt(run_dir, 20).read_bytes()
     assert not os.path.samefile(target, ckpt(run_dir, 20))
@@ -131,7 +131,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_failed_copy_keeps_old_pair(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_best(run_dir, "a", row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
+    write_best(run_dir, best_file_name("a"), row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
     before = snapshot(run_dir)
 
     def no_link(src: Path, dst: Path) -> None:
@@ -144,12 +144,12 @@ def test_failed_copy_keeps_old_pair(run_dir: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(best_checkpoint.os, "link", no_link)
     monkeypatch.setattr(best_checkpoint.shutil, "copyfile", half_copy)
     with pytest.raises(OSError, match="No space"):
-        write_best(run_dir, "a", row("a-step00000030.safetensors", 30), "r", ckpt(run_dir, 30))
+        write_best(run_dir, best_file_name("a"), row("a-step00000030.safetensors", 30), "r", ckpt(run_dir, 30))
     assert snapshot(run_dir) == before
 
 
 def test_failed_rename_keeps_old_pair(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_best(run_dir, "a", row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
+    write_best(run_dir, best_file_name("a"), row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
     before = snapshot(run_dir)
 
     def broken_replace(src: Path, dst: Path) -> None:
@@ -157,15 +157,15 @@ def test_failed_rename_keeps_old_pair(run_dir: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(best_checkpoint.os, "replace", broken_replace)
     with pytest.raises(OSError, match="I/O error"):
-        write_best(run_dir, "a", row("a-step00000030.safetensors", 30), "r", ckpt(run_dir, 30))
+        write_best(run_dir, best_file_name("a"), row("a-step00000030.safetensors", 30), "r", ckpt(run_dir, 30))
     assert snapshot(run_dir) == before
 
 
 def test_missing_checkpoint_raises_and_keeps_old_pair(run_dir: Path) -> None:
-    write_best(run_dir, "a", row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
+    write_best(run_dir, best_file_name("a"), row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
     before = snapshot(run_dir)
     with pytest.raises(FileNotFoundError):
-        write_best(run_dir, "a", row("gone.safetensors", 99), "r", run_dir / "gone.safetensors")
+        write_best(run_dir, best_file_name("a"), row("gone.safetensors", 99), "r", run_dir / "gone.safetensors")
     assert snapshot(run_dir) == before
 
 

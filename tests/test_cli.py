@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_monitor.cli import main
-from lora_monitor.prompts import load_prompts
+from lora_monitor.evaluation.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 

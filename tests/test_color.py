@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from lora_monitor.color import (
+from lora_monitor.evaluation.color import (
     N_PROJECTIONS,
     N_QUANTILES,
     color_distance,

@@ -6,6 +6,7 @@ import pytest
 
 from lora_monitor.config import load_config, parse_config
 from lora_monitor.errors import UserError
+from lora_monitor.run_spec import train_spec
 
 GOOD = """
 [kohya]
@@ -30,13 +31,14 @@ def test_good_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
     assert cfg.kohya.args["output_dir"] == str(tmp_path / "out dir" / "ü")
     # a hub id is not a path and stays as written
     assert cfg.kohya.args["pretrained_model_name_or_path"] == "runwayml/stable-diffusion-v1-5"
-    assert cfg.base_model() == "runwayml/stable-diffusion-v1-5"
-    assert cfg.references() == tmp_path / "data" / "train"
-    assert cfg.csv_path() == tmp_path / "out dir" / "ü" / "loss_tracker.csv"
+    spec = train_spec(cfg)
+    assert spec.base_model == "runwayml/stable-diffusion-v1-5"
+    assert spec.reference_dirs == (tmp_path / "data" / "train",)
+    assert spec.csv_path == tmp_path / "out dir" / "ü" / "loss_tracker.csv"
     assert cfg.eval.prompts == tmp_path / "prompts.txt"
     assert cfg.eval.steps == 15 and cfg.eval.guidance_scale == 7.0
     assert cfg.metrics.weights == {"visual_loss": 0.2, "fashion_clip_loss": 0.6, "color_loss": 0.2}
-    assert cfg.output_name == "dress"
+    assert spec.output_name == "dress" and spec.best_name == "dress-best.safetensors"
 
 
 BAD = [

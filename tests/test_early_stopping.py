@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from lora_monitor.early_stopping import METRIC_MODES, EarlyStopping
 from lora_monitor.errors import UserError
+from lora_monitor.policies.early_stopping import METRIC_MODES, EarlyStopping
 
 NAN = math.nan
 INF = math.inf

@@ -8,7 +8,9 @@ import time
 import pytest
 
 from lora_monitor.errors import UserError
-from lora_monitor.eval_schedule import DEFAULT_DYNAMIC, EvalQueue, EvalSchedule
+from lora_monitor.policies.eval_schedule import EvalQueue, EvalSchedule
+
+STAGED = ((100, 50), (200, 20), (10**9, 10))  # every 50 steps up to 100, every 20 up to 200, then every 10
 
 
 def saves(every: int, last: int, start: int | None = None) -> list[tuple[int | None, bool]]:
@@ -19,8 +21,8 @@ def saves(every: int, last: int, start: int | None = None) -> list[tuple[int | N
 @pytest.mark.parametrize(
     ("schedule", "saved", "evaluated"),
     [
-        (EvalSchedule(), saves(10, 230), [50, 100, 120, 140, 160, 180, 200, 210, 220, 230]),
-        (EvalSchedule(), saves(25, 300), [50, 100, 125, 150, 175, 200, 225, 250, 275, 300]),
+        (EvalSchedule(dynamic=STAGED), saves(10, 230), [50, 100, 120, 140, 160, 180, 200, 210, 220, 230]),
+        (EvalSchedule(dynamic=STAGED), saves(25, 300), [50, 100, 125, 150, 175, 200, 225, 250, 275, 300]),
         (EvalSchedule(every_n_steps=50), saves(25, 200), [50, 100, 150, 200]),
         (EvalSchedule(every_n_steps=50), saves(30, 240), [60, 120, 180, 240]),
         (EvalSchedule(every_n_steps=50), saves(25, 50, start=0), [0, 50]),
@@ -42,11 +44,11 @@ def test_should_eval(
 @pytest.mark.parametrize(
     ("schedule", "step", "interval"),
     [
-        (EvalSchedule(), 0, 50),
-        (EvalSchedule(), 100, 50),
-        (EvalSchedule(), 101, 20),
-        (EvalSchedule(), 200, 20),
-        (EvalSchedule(), 5000, 10),
+        (EvalSchedule(dynamic=STAGED), 0, 50),
+        (EvalSchedule(dynamic=STAGED), 100, 50),
+        (EvalSchedule(dynamic=STAGED), 101, 20),
+        (EvalSchedule(dynamic=STAGED), 200, 20),
+        (EvalSchedule(dynamic=STAGED), 5000, 10),
         (EvalSchedule(dynamic=[(10, 5)]), 50, 5),
         (EvalSchedule(every_n_steps=25), 10**6, 25),
     ],
@@ -55,8 +57,9 @@ def test_interval_at(schedule: EvalSchedule, step: int, interval: int) -> None:
     assert schedule.interval_at(step) == interval
 
 
-def test_default_dynamic() -> None:
-    assert EvalSchedule().dynamic == DEFAULT_DYNAMIC == ((100, 50), (200, 20), (10**9, 10))
+def test_a_rule_is_required() -> None:
+    with pytest.raises(UserError, match="every_n_steps or dynamic"):
+        EvalSchedule()
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_monitor import evaluator as ev
 from lora_monitor.config import EvalConfig
 from lora_monitor.demo.sd_model import build_tiny_sd
 from lora_monitor.errors import EvalError, UserError
-from lora_monitor.prompts import Prompt
+from lora_monitor.evaluation import evaluator as ev
+from lora_monitor.evaluation.prompts import Prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from safetensors import safe_open
 
-from lora_monitor import kohya_process
 from lora_monitor.config import KohyaConfig
 from lora_monitor.errors import UserError
 from lora_monitor.events import CheckpointSaving, TrainerExited, TrainerLog, TrainProgress
-from lora_monitor.kohya_process import (
+from lora_monitor.kohya import process as kohya_process
+from lora_monitor.kohya.process import (
     KohyaProcess,
     build_argv,
     effective_args,
@@ -279,7 +279,7 @@ def test_stop_escalates_to_sigkill_and_leaves_no_process(tmp_path: Path, monkeyp
     pgid = proc.pid
     assert pgid is not None
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="lora_monitor.kohya_process"):
+    with caplog.at_level(logging.INFO, logger="lora_monitor.kohya.process"):
         code = proc.stop(grace_s=0.5)
     assert time.monotonic() - started < 10
     assert code == 128 + signal.SIGKILL == proc.returncode

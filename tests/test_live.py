@@ -2,7 +2,7 @@
 
 import io
 
-from lora_monitor.live import LiveView
+from lora_monitor.tracking.live import LiveView
 
 ROW1 = {"step": "20", "checkpoint": "a-step00000020.safetensors", "status": "ok", "visual_loss": "0.5",
         "fashion_clip_loss": "0.2", "color_loss": "40.0", "clip_t": "0.25", "eval_score": "0.3", "eval_seconds": "2.1"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_monitor.lora_files import (
+from lora_monitor.checkpoints.files import (
     NotALoraError,
     is_complete,
     lora_format,

@@ -16,8 +16,8 @@ from copy import deepcopy as copy_module
 import pytest
 import torch
 
-from lora_monitor.lora_files import NotALoraError
-from lora_monitor.lora_formats import (
+from lora_monitor.checkpoints.files import NotALoraError
+from lora_monitor.checkpoints.formats import (
     describe_lora,
     detect_layout,
     injected_modules,

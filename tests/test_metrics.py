@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from lora_monitor.demo.scoring_models import build_tiny_dino, build_tiny_fashion_clip
 from lora_monitor.errors import UserError
-from lora_monitor.metrics import (
+from lora_monitor.evaluation.metrics import (
     COLOR_SCALE_DE,
     DEFAULT_WEIGHTS,
     HIGHER_IS_BETTER,

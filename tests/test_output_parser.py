@@ -16,7 +16,7 @@ from lora_monitor.events import (
     TrainerLog,
     TrainProgress,
 )
-from lora_monitor.output_parser import LAST_LINES, MAX_PARTIAL, KohyaOutputParser
+from lora_monitor.kohya.output_parser import LAST_LINES, MAX_PARTIAL, KohyaOutputParser
 from tests.kohya_replay import FIXTURES, RUNS, merged
 
 OUT = {"run-python-u": "/home/me/kohya-ws/out/main", "run-sigint": "/home/me/kohya-ws/out/sigint"}

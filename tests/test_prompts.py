@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lora_monitor.errors import UserError
-from lora_monitor.prompts import Prompt, load_prompts, parse_prompt_line, prompts_from_captions
+from lora_monitor.evaluation.prompts import Prompt, load_prompts, parse_prompt_line, prompts_from_captions
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from lora_monitor.config import parse_config
+from lora_monitor.run_spec import train_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -13,7 +14,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     config = parse_config(block, tmp_path / "dress.toml")
     assert config.kohya is not None and config.kohya.args["output_name"] == "red_dress"
     assert config.early_stopping.enabled and config.eval.every_n_steps == 50
-    assert config.csv_path() == tmp_path / "output" / "loss_tracker.csv"
+    assert train_spec(config).csv_path == tmp_path / "output" / "loss_tracker.csv"
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lora_monitor.errors import UserError
-from lora_monitor.references import (
+from lora_monitor.evaluation.references import (
     ReferenceFeatureCache,
     UnreadableImageError,
     file_digest,

@@ -36,7 +36,8 @@ PROMPTS = (
     "a red dress on a white background, sks style --d 2\n"
 )
 # The fixture's saves, in kohya's order: (step, epoch, total_loss, status). total_loss is the last avr_loss
-# drawn with the step (after the save); the epoch and final files repeat a step file's weights.
+# drawn with the step (after the save), 3 significant digits; the CSV holds the same value at full precision
+# from kohya's TensorBoard `loss/average`. The epoch and final files repeat a step file's weights.
 EXPECTED_ROWS: dict[str, tuple[int, int, float, str]] = {
     "testlora-step00000002.safetensors": (2, 1, 1.1, "ok"),
     "testlora-step00000004.safetensors": (4, 1, 1.14, "ok"),
@@ -280,9 +281,11 @@ def test_replayed_run_gives_the_fixture_steps_losses_epochs_and_checkpoints(
     assert sorted(rows.index) == sorted(EXPECTED_ROWS)  # exactly one row per file
     for name, (step, epoch, loss, status) in EXPECTED_ROWS.items():
         row = rows.loc[name]
-        assert (int(row["step"]), int(row["epoch"]), float(row["total_loss"]), row["status"]) == (
-            step, epoch, loss, status), (name, row.to_dict())
-        assert float(row["learning_rate"]) == pytest.approx(1e-4, rel=1e-6), name  # TensorBoard: float32
+        assert (int(row["step"]), int(row["epoch"]), row["status"]) == (step, epoch, status), (name, row.to_dict())
+        logged = fixture_scalars()[step]["loss/average"]
+        assert float(row["total_loss"]) == pytest.approx(logged, rel=1e-6), name  # TensorBoard: float32
+        assert float(f"{float(row['total_loss']):.3g}") == loss, name  # what kohya printed for the step
+        assert float(row["learning_rate"]) == pytest.approx(1e-4, rel=1e-6), name
         if status == "ok":
             assert_ok_row(row, out, name)
         else:
@@ -336,6 +339,8 @@ def test_sigint_after_the_first_save_evaluates_it_and_leaves_no_kohya(
     rows = rows_by_name(out / "loss_tracker.csv")
     assert list(rows.index) == ["testlora-step00000002.safetensors"]
     row = rows.iloc[0]
-    assert (int(row["step"]), int(row["epoch"]), float(row["total_loss"]), row["status"]) == (2, 1, 1.1, "ok")
+    assert (int(row["step"]), int(row["epoch"]), row["status"]) == (2, 1, "ok")
+    assert float(row["total_loss"]) == pytest.approx(fixture_scalars()[2]["loss/average"], rel=1e-6)
+    assert float(f"{float(row['total_loss']):.3g}") == 1.1
     assert float(row["learning_rate"]) == pytest.approx(1e-4, rel=1e-6)
     assert_ok_row(row, out, "testlora-step00000002.safetensors")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
-from lora_monitor.best_checkpoint import best_record, select_best
-from lora_monitor.early_stopping import EarlyStopping
-from lora_monitor.report import REPORT_NAME, build_report, read_rows
+from lora_monitor.policies.best_checkpoint import best_record, select_best
+from lora_monitor.policies.early_stopping import EarlyStopping
+from lora_monitor.tracking.report import REPORT_NAME, build_report, read_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
 HEADER = (
@@ -89,7 +89,8 @@ def build(out: Path, rows: list[dict[str, Any]], csv_path: Path) -> Path:
     best_row = select_best([{k: str(v) for k, v in r.items()} for r in rows], "eval_score", "min")
     assert best_row is not None
     best = best_record(best_row, "lowest eval_score among ok checkpoints")
-    return build_report(out, csv_path, CONFIG, best, reason, {"training_s": 95.2, "total_s": 4000.0})
+    return build_report(out, csv_path, CONFIG, best, reason, {"training_s": 95.2, "total_s": 4000.0},
+                        stop_step=history[-1][0])
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor.lora_files import step_from_name
-from lora_monitor.lora_formats import (
+from lora_monitor.checkpoints.files import step_from_name
+from lora_monitor.checkpoints.formats import (
     describe_lora,
     injected_modules,
     lora_modules,
@@ -69,7 +69,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     from lora_monitor.demo.sdxl_model import build_tiny_sdxl
-    from lora_monitor.evaluator import load_pipeline
+    from lora_monitor.evaluation.evaluator import load_pipeline
 
     folder = build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
     pipe = load_pipeline(str(folder), sdxl=True, device=torch.device("cpu"))

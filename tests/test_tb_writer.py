@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from lora_monitor import tb_writer
-from lora_monitor.errors import UserError
-from lora_monitor.tb_writer import IMAGES_TAG, TensorBoardWriter, check_available, image_row
+from lora_monitor.tracking.tensorboard_writer import IMAGES_TAG, TensorBoardWriter, image_row
 
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator").EventAccumulator
@@ -120,21 +117,3 @@ def test_image_row_converts_modes_and_keeps_order() -> None:
 def test_image_row_needs_images() -> None:
     with pytest.raises(ValueError):
         image_row([])
-
-
-def test_missing_tensorboard_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # None in sys.modules makes `import` raise ImportError, as when the package is not installed
-    monkeypatch.setitem(sys.modules, "tensorboard", None)
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    for call in (check_available, lambda: TensorBoardWriter(tmp_path)):
-        with pytest.raises(UserError) as info:
-            call()
-        message = str(info.value)
-        assert "\n" not in message
-        assert "pip install 'lora-monitor[tensorboard]'" in message
-        assert "[output] tensorboard = false" in message
-    assert not (tmp_path / tb_writer.DEFAULT_RUN_NAME).exists()
-
-
-def test_available_when_installed() -> None:
-    check_available()

@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lora_monitor import tracker as tracker_mod
+from lora_monitor.columns import COLUMNS
 from lora_monitor.errors import UserError
-from lora_monitor.tracker import COLUMNS, Tracker
+from lora_monitor.tracking import tracker as tracker_mod
+from lora_monitor.tracking.tracker import Tracker
 
 CONTRACT = "step,epoch,total_loss,visual_loss,fashion_clip_loss,color_loss,learning_rate,timestamp,checkpoint"
 

@@ -4,7 +4,7 @@ import threading
 import time
 from pathlib import Path
 
-from lora_monitor.watcher import CheckpointWatcher, list_checkpoints
+from lora_monitor.checkpoints.watcher import CheckpointWatcher, list_checkpoints
 from tests.test_lora_files import kohya_lora
 
 

@@ -6,7 +6,6 @@ scoring models (same on-disk formats as the real ones), a toy garment dataset an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from collections.abc import Callable
@@ -62,15 +61,15 @@ def demo_config_text(paths: Any, workdir: Path) -> str:
         + "\n" + _table("eval", eval_section)
         + "\n" + _table("metrics", metrics)
         + "\n" + _table("early_stopping", {"enabled": False, "monitor": "eval_score", "patience": 3})
-        # lora-monitor's metrics beside kohya's loss in TensorBoard, when the optional extra is installed
-        + "\n" + _table("output", {"report": True, "tensorboard": importlib.util.find_spec("tensorboard") is not None})
+        # lora-monitor's metrics beside kohya's loss in TensorBoard
+        + "\n" + _table("output", {"report": True, "tensorboard": True})
     )
 
 
 def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print) -> Path:
     """Build (or reuse) the demo in `workdir` and return its config.toml. A finished run's output is moved aside."""
     from lora_monitor.demo.build import build_demo
-    from lora_monitor.pipeline import quiet_libraries
+    from lora_monitor.evaluation.worker import quiet_libraries
 
     quiet_libraries()
     if workdir is None:

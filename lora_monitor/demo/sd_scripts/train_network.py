@@ -43,6 +43,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    p.add_argument("--config_file", type=str, default=None, help="kohya-style TOML of option values")
     p.add_argument("--pretrained_model_name_or_path", type=str, default=None)
     p.add_argument("--tokenizer_cache_dir", type=str, default=None)
     p.add_argument("--train_data_dir", type=str, default=None)
@@ -126,6 +127,28 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         args.network_dim = 4  # networks.lora's default rank
     if args.output_name is None:
         args.output_name = "last"  # kohya's DEFAULT_LAST_OUTPUT_NAME
+
+
+def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                          argv: list[str] | None) -> argparse.Namespace:
+    """As kohya's train_util.read_config_from_file: `.toml` appended when missing, top-level tables flattened,
+    and the command line parsed again over the file's values (an option given there wins)."""
+    if not args.config_file:
+        return args
+    import tomllib
+
+    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if not os.path.exists(path):
+        parser.error(f"config file {path} not found")
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    flat: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return parser.parse_args(argv, namespace=argparse.Namespace(**flat))
 
 
 def setup_logging(level: str | None) -> None:
@@ -577,7 +600,7 @@ def make_summary_writer(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     parser = setup_parser()
-    args = parser.parse_args(argv)
+    args = read_config_from_file(parser.parse_args(argv), parser, argv)
     check_args(args, parser)
     setup_logging(args.console_log_level)
     train(args)

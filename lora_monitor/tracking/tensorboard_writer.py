@@ -22,24 +22,6 @@ from lora_monitor.errors import UserError
 DEFAULT_RUN_NAME = "lora-monitor"
 TAG_PREFIX = "lora-monitor"
 IMAGES_TAG = f"{TAG_PREFIX}/images"
-MISSING_MESSAGE = ("TensorBoard output needs the tensorboard package: "
-                   "pip install 'lora-monitor[tensorboard]' or set [output] tensorboard = false")
-
-
-def _summary_writer_class() -> type:
-    # torch.utils.tensorboard itself imports tensorboard and raises ImportError when it is missing.
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise UserError(MISSING_MESSAGE) from exc
-    return SummaryWriter
-
-
-def check_available() -> None:
-    """Raise UserError (one line: how to install it, or turn the output off) when tensorboard is missing."""
-    _summary_writer_class()
-
-
 def image_row(images: list[Image.Image]) -> Image.Image:
     """The images side by side, left to right, as one RGB image (top-aligned, black where heights differ)."""
     if not images:
@@ -57,7 +39,8 @@ class TensorBoardWriter:
     """One TensorBoard run of lora-monitor's results, `logging_dir / run_name`; flushed after every row."""
 
     def __init__(self, logging_dir: Path, run_name: str = DEFAULT_RUN_NAME) -> None:
-        writer_class = _summary_writer_class()
+        from torch.utils.tensorboard import SummaryWriter as writer_class
+
         self.run_dir = Path(logging_dir) / run_name
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,22 +6,23 @@ output or its TensorBoard logs; when it never said them the cell stays empty - n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_monitor.checkpoints.files import read_header
+from lora_monitor.columns import METRIC_NAMES
 from lora_monitor.events import EvalResult
-from lora_monitor.lora_files import read_header
-from lora_monitor.tracker import now_iso
+from lora_monitor.tracking.tracker import now_iso
 
 
-@dataclass
-class TrainerFacts:
-    """What is known of the trainer's values per step (from its output and/or TensorBoard)."""
+@dataclass(frozen=True)
+class TrainingValues:
+    """What the trainer said of one step: its loss, epoch and learning rate (None: it never said)."""
 
-    loss_at_step: dict[int, float] = field(default_factory=dict)
-    epoch_at_step: dict[int, int] = field(default_factory=dict)
-    lr_at_step: dict[int, float] = field(default_factory=dict)
+    loss: float | None = None
+    epoch: int | None = None
+    learning_rate: float | None = None
 
 
 def epoch_from_metadata(path: Path) -> int | None:
@@ -34,13 +35,12 @@ def epoch_from_metadata(path: Path) -> int | None:
     return value + 1 if "-step" in path.stem else value
 
 
-def build_row(result: EvalResult, facts: TrainerFacts, epoch_hint: int | None = None) -> dict[str, Any]:
-    step = result.step
+def build_row(result: EvalResult, values: TrainingValues, epoch_hint: int | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "step": step,
-        "epoch": facts.epoch_at_step.get(step) if step is not None else None,
-        "total_loss": facts.loss_at_step.get(step) if step is not None else None,
-        "learning_rate": facts.lr_at_step.get(step) if step is not None else None,
+        "step": result.step,
+        "epoch": values.epoch,
+        "total_loss": values.loss,
+        "learning_rate": values.learning_rate,
         "timestamp": now_iso(),
         "checkpoint": result.checkpoint.name,
         "eval_seconds": round(result.seconds, 3) if result.seconds is not None else None,
@@ -55,10 +55,8 @@ def build_row(result: EvalResult, facts: TrainerFacts, epoch_hint: int | None = 
         row["status"] = "failed"
         row["note"] = result.error
         return row
-    row.update({k: v for k, v in result.metrics.items() if k in _METRIC_KEYS})
+    row.update({k: v for k, v in result.metrics.items() if k in METRIC_NAMES})
     row["status"] = "duplicate" if result.note else "ok"
     row["note"] = result.note
     return row
 
-
-_METRIC_KEYS = ("visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score")

@@ -6,7 +6,6 @@ The view only displays; it decides nothing. Metric changes are shown against the
 from __future__ import annotations
 
 import sys
-import time
 from collections import deque
 from typing import IO, Any
 
@@ -15,9 +14,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-SHOWN = ("visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score")
-SHORT = {"visual_loss": "visual", "fashion_clip_loss": "fclip", "color_loss": "color", "clip_t": "clip_t",
-         "eval_score": "score"}
+from lora_monitor.columns import METRICS
+
+SHOWN = tuple(m.name for m in METRICS)
+SHORT = {m.name: m.short for m in METRICS}
 
 
 def _num(value: Any) -> float | None:
@@ -45,7 +45,6 @@ class LiveView:
         self.best: str | None = None
         self.patience: str | None = None
         self.messages: deque[str] = deque(maxlen=5)
-        self._started = time.monotonic()
         self._live: Live | None = None
         self._last_plain_step = -1
 

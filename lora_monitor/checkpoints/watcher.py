@@ -15,7 +15,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from lora_monitor.lora_files import is_complete
+from lora_monitor.checkpoints.files import is_complete
 
 OWN_SUFFIXES = ("-best",)  # files lora-monitor itself writes into the output folder
 

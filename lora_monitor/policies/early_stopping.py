@@ -11,17 +11,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lora_monitor.columns import MONITORABLE
 from lora_monitor.errors import UserError
 
-# Which way is good for every metric the monitor writes; "min" means lower is better.
-METRIC_MODES: dict[str, str] = {
-    "total_loss": "min",
-    "visual_loss": "min",
-    "fashion_clip_loss": "min",
-    "color_loss": "min",
-    "eval_score": "min",
-    "clip_t": "max",
-}
+METRIC_MODES = MONITORABLE  # which way is good for every column a decision may watch
 
 _MODES = ("min", "max")
 _HISTORY_SHOWN = 12  # entries of the history quoted in a reason; older ones are elided

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lora_monitor.checkpoints.files import NotALoraError, lora_format, read_header
+from lora_monitor.checkpoints.formats import normalize_lora_state
 from lora_monitor.config import EvalConfig
 from lora_monitor.errors import EvalError, UserError
-from lora_monitor.lora_files import NotALoraError, lora_format, read_header
-from lora_monitor.lora_formats import normalize_lora_state
-from lora_monitor.prompts import Prompt
+from lora_monitor.evaluation.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,8 @@ class Evaluator:
         self._adapter, self._adapter_sig = name, sig
 
     def unload(self) -> None:
-        """Delete the loaded adapter: the base weights, never modified, are what remains."""
+        """Delete the loaded adapter. Generation folds it into the weights and restores them from a copy
+        afterwards (see `_merged`), so the base weights are what remains."""
         if self._adapter is not None:
             self._drop(self._adapter)
         self._adapter = self._adapter_sig = None
@@ -491,7 +492,9 @@ class Evaluator:
 
     def save(self, path: Path, step: int | None, generated: Generated) -> Path:
         """Write the images and a manifest under <out_root>/eval/<checkpoint stem>/."""
-        folder = self.out_root / "eval" / path.stem
+        from lora_monitor.run_spec import eval_folder
+
+        folder = eval_folder(self.out_root, path)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
         for i, image in enumerate(generated.images):

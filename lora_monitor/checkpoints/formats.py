@@ -33,14 +33,12 @@ from typing import Any
 
 import torch
 
-from lora_monitor.lora_files import NotALoraError
+from lora_monitor.checkpoints.files import NotALoraError
 
 log = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-KOHYA_COMPONENT = {"lora_unet_": "UNet", "lora_te_": "text encoder", "lora_te1_": "text encoder",
-                   "lora_te2_": "text encoder 2"}
 # OneTrainer bundles textual-inversion vectors for its placeholder tokens into the LoRA file
 BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
 COMFY_TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder",

@@ -16,13 +16,17 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_monitor.config import Config
+from lora_monitor.checkpoints.files import read_header, tensor_fingerprint
 from lora_monitor.errors import EvalError, UserError
-from lora_monitor.eval_schedule import EvalQueue
-from lora_monitor.events import CheckpointReady, EvalResult
-from lora_monitor.lora_files import read_header, tensor_fingerprint
-from lora_monitor.prompts import Prompt, load_prompts, prompts_from_captions
+from lora_monitor.evaluation.inputs import Inputs
+from lora_monitor.evaluation.prompts import Prompt
+from lora_monitor.events import CheckpointReady, EvalDisabled, EvalResult, EvalWarning
+from lora_monitor.policies.eval_schedule import EvalQueue
+
+if TYPE_CHECKING:
+    from lora_monitor.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,43 +37,8 @@ class Models:
 
     evaluator: object
     scorer: object
+    output_dir: Path  # eval/<stem>/ below it holds each checkpoint's images, or error.txt when it failed
     warnings: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What evaluation needs from the user, checked before training starts."""
-
-    references: list[Path]
-    prompts: list[Prompt]
-
-
-def check_inputs(config: Config) -> Inputs:
-    """Fail fast (before training starts): models available offline, references found, prompts readable."""
-    from lora_monitor.metrics import check_model_available
-
-    check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
-    check_model_available(config.metrics.visual_model, "visual")
-    base = config.base_model()
-    if not base:
-        raise UserError("no base model: set [eval] base_model or kohya.args.pretrained_model_name_or_path")
-    if ("/" in base or os.sep in base) and Path(base).is_absolute() and not Path(base).exists():
-        raise UserError(f"base model {base}: not found; fix [eval] base_model or pretrained_model_name_or_path")
-    references = reference_images(config)
-    return Inputs(references=references, prompts=resolve_prompts(config, references))
-
-
-def resolve_prompts(config: Config, references: list[Path]) -> list[Prompt]:
-    if config.eval.prompts:
-        return load_prompts(config.eval.prompts)
-    from lora_monitor.references import read_captions
-
-    prompts = prompts_from_captions(read_captions(references))
-    if not prompts:
-        raise UserError(
-            "no prompts: set [eval] prompts to a kohya prompt file, or give the reference images .txt captions"
-        )
-    return prompts
 
 
 def quiet_libraries() -> None:
@@ -84,29 +53,13 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def reference_images(config: Config) -> list[Path]:
-    """[eval] references, else the image folders kohya trains on (train_data_dir's N_name folders or the
-    dataset_config subsets), searched recursively."""
-    from lora_monitor.references import find_reference_images
-
-    if config.eval.references is None and config.kohya is not None:
-        from lora_monitor.kohya_process import train_data_dirs
-
-        dirs = train_data_dirs(config.kohya)
-        if dirs:
-            return sorted({p for d in dirs for p in find_reference_images(d)})
-    folder = config.references()
-    if folder is None:
-        raise UserError("no reference images: set [eval] references or kohya.args.train_data_dir")
-    return find_reference_images(folder)
-
-
-def build_models(config: Config, out_root: Path, inputs: Inputs, sdxl: bool = False) -> Models:
+def build_models(spec: RunSpec, inputs: Inputs) -> Models:
     import torch
 
     quiet_libraries()
-    from lora_monitor.evaluator import Evaluator, load_pipeline, resolve_device
-    from lora_monitor.metrics import Scorer
+    config = spec.config
+    from lora_monitor.evaluation.evaluator import Evaluator, load_pipeline, resolve_device
+    from lora_monitor.evaluation.metrics import Scorer
 
     device = resolve_device(config.eval.device)
     if device.type == "cpu" and config.eval.device == "auto":
@@ -117,13 +70,13 @@ def build_models(config: Config, out_root: Path, inputs: Inputs, sdxl: bool = Fa
         config.metrics.visual_model,
         weights=dict(config.metrics.weights),
         device=str(device),
-        cache_dir=config.metrics.cache_dir or out_root / "eval" / ".cache",
+        cache_dir=spec.cache_dir,
     )
     warnings = list(scorer.set_references(inputs.references))
-    pipe = load_pipeline(str(config.base_model()), sdxl, device, memory=config.eval.memory)
+    pipe = load_pipeline(str(spec.base_model), spec.sdxl, device, memory=config.eval.memory)
     warnings += long_prompt_warnings(pipe, inputs.prompts)
-    evaluator = Evaluator(pipe, inputs.prompts, config.eval, out_root)
-    return Models(evaluator=evaluator, scorer=scorer, warnings=warnings)
+    evaluator = Evaluator(pipe, inputs.prompts, config.eval, spec.output_dir)
+    return Models(evaluator=evaluator, scorer=scorer, output_dir=spec.output_dir, warnings=warnings)
 
 
 def long_prompt_warnings(pipe: object, prompts: list[Prompt]) -> list[str]:
@@ -165,10 +118,24 @@ def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str,
             return EvalResult(path, ready.step, note="deleted while being evaluated", skipped=True)
         return EvalResult(path, ready.step, error=str(exc), seconds=time.monotonic() - started)
     except Exception as exc:  # noqa: BLE001 - evaluation problems never kill the run
-        log.debug("evaluation failed", exc_info=True)
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         elapsed = time.monotonic() - started
-        return EvalResult(path, ready.step, error=f"evaluation failed: {last[:300]}", seconds=elapsed)
+        where = _keep_traceback(models.output_dir, path, traceback.format_exc())
+        return EvalResult(path, ready.step, error=f"evaluation failed: {last[:300]}{where}", seconds=elapsed)
+
+
+def _keep_traceback(output_dir: Path, checkpoint: Path, text: str) -> str:
+    """Write the traceback of a failed evaluation to eval/<stem>/error.txt; the row's note points at it."""
+    from lora_monitor.run_spec import eval_folder
+
+    target = eval_folder(output_dir, checkpoint) / "error.txt"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        log.error("evaluation of %s failed:\n%s(traceback not saved: %s)", checkpoint.name, text, exc)
+        return ""
+    return f" (traceback: {target.relative_to(output_dir)})"
 
 
 class EvalWorker:
@@ -222,13 +189,13 @@ class EvalWorker:
         try:
             self.models = self._load()
             for w in self.models.warnings:
-                self._on_result(("warning", w))
+                self._on_result(EvalWarning(w))
         except UserError as exc:
             self.load_error = str(exc)
-            self._on_result(("fatal", str(exc)))
+            self._on_result(EvalDisabled(str(exc)))
         except Exception as exc:  # noqa: BLE001 - a broken evaluator must not take the trainer down
             self.load_error = f"evaluator could not start: {exc}"
-            self._on_result(("fatal", self.load_error))
+            self._on_result(EvalDisabled(self.load_error))
         while True:
             item = self._next()
             if item is None:

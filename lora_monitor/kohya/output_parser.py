@@ -216,7 +216,7 @@ class KohyaOutputParser:
                 self.epoch_at_step.setdefault(step, self.current_epoch)
             if loss is not None:
                 self.loss_at_step[step] = loss
-        out.append(TrainProgress(step=step, total=total, loss=loss, rate=rate))
+        out.append(TrainProgress(step=step, total=total, loss=loss, rate=rate, epoch=self.current_epoch))
 
     # -- lines ----------------------------------------------------------------------------------
 

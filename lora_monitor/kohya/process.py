@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lora_monitor.errors import UserError
 from lora_monitor.events import TrainerExited
-from lora_monitor.output_parser import KohyaOutputParser
+from lora_monitor.kohya.output_parser import KohyaOutputParser
 
 if TYPE_CHECKING:
     from lora_monitor.config import KohyaConfig

@@ -15,21 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lora_monitor.columns import COLUMNS
 from lora_monitor.errors import UserError
-
-CONTRACT_COLUMNS = (
-    "step",
-    "epoch",
-    "total_loss",
-    "visual_loss",
-    "fashion_clip_loss",
-    "color_loss",
-    "learning_rate",
-    "timestamp",
-    "checkpoint",
-)
-COLUMNS = (*CONTRACT_COLUMNS, "clip_t", "eval_score", "status", "note", "eval_seconds")
-METRIC_NAMES = ("visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score")
 
 
 def now_iso() -> str:

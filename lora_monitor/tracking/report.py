@@ -11,7 +11,6 @@ import html
 import io
 import json
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,15 +21,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from lora_monitor.best_checkpoint import atomic_write_bytes
-from lora_monitor.early_stopping import METRIC_MODES
+from lora_monitor.columns import LOSS_KEYS, MONITORABLE
+from lora_monitor.policies.best_checkpoint import atomic_write_bytes
+from lora_monitor.run_spec import eval_folder
 
 REPORT_NAME = "report.html"
 THUMB_PX = 128  # longest side of an embedded thumbnail, pixels
 TEXT_COLUMNS = ("timestamp", "checkpoint", "status", "note")
 NOT_CURVES = {"step", "epoch", "eval_seconds", "learning_rate", *TEXT_COLUMNS}
 # Panels in this order first; any other numeric column (a metric added later) follows.
-CURVE_ORDER = ("total_loss", "eval_score", "visual_loss", "fashion_clip_loss", "color_loss", "clip_t")
+CURVE_ORDER = ("total_loss", "eval_score", *LOSS_KEYS,
+               *(m for m in MONITORABLE if m not in (*LOSS_KEYS, "total_loss", "eval_score")))
 LABELS = {"total_loss": "training loss (total_loss)", "learning_rate": "learning rate"}
 
 
@@ -88,7 +89,7 @@ def _curve_columns(frame: pd.DataFrame) -> list[str]:
 
 def _title(column: str) -> str:
     direction = {"min": " - lower is better", "max": " - higher is better"}.get(
-        METRIC_MODES.get(column, ""), ""
+        MONITORABLE.get(column, ""), ""
     )
     return LABELS.get(column, column) + direction
 
@@ -178,7 +179,7 @@ def _safe_name(name: Any) -> bool:
 
 def _grid_cells(output_dir: Path, stem: str) -> dict[str, str]:
     """prompt -> <td> for one checkpoint's images."""
-    manifest = _manifest(output_dir / "eval" / stem)
+    manifest = _manifest(eval_folder(output_dir, stem))
     if manifest is None:
         return {}
     prompts = manifest.get("prompts") if isinstance(manifest.get("prompts"), list) else []
@@ -187,7 +188,7 @@ def _grid_cells(output_dir: Path, stem: str) -> dict[str, str]:
         prompt = str(prompts[index]) if index < len(prompts) else f"prompt {index + 1}"
         if not _safe_name(name) or prompt in cells:
             continue
-        thumb = _thumbnail(output_dir / "eval" / stem / name)
+        thumb = _thumbnail(eval_folder(output_dir, stem) / name)
         if thumb is None:
             cells[prompt] = '<td class="missing" title="image missing or unreadable">missing</td>'
             continue
@@ -316,7 +317,7 @@ def _summary(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str |
     return f"<dl>{''.join(items)}</dl>"
 
 
-def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str | None) -> _Marks:
+def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, stop_step: int | None) -> _Marks:
     best_step = None
     if best:
         step = best.get("step")
@@ -325,9 +326,7 @@ def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str | N
         else:
             match = frame[(frame["checkpoint"] == best.get("checkpoint")) & frame["step"].notna()]
             best_step = int(match["step"].iloc[0]) if len(match) else None
-    # EarlyStopping.decide's reason reads "early stop at step N: ..."
-    found = re.search(r"\bat step (\d+)", early_stop or "")
-    return _Marks(best_step, int(found.group(1)) if found else None)
+    return _Marks(best_step, stop_step)
 
 
 STYLE = """
@@ -369,6 +368,7 @@ def build_report(
     best: dict[str, Any] | None,
     early_stop: str | None = None,
     timings: dict[str, Any] | None = None,
+    stop_step: int | None = None,
 ) -> Path:
     """Write `output_dir/report.html` atomically and return its path.
 
@@ -377,7 +377,7 @@ def build_report(
     """
     output_dir = Path(output_dir)
     frame = read_rows(csv_path)
-    marks = _marks(frame, best, early_stop)
+    marks = _marks(frame, best, stop_step)
     best_name = str(best.get("checkpoint")) if best else None
     svg = curves_svg(frame, marks)
     timing_rows = _timing_rows(frame, timings)

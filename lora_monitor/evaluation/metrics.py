@@ -6,7 +6,7 @@ Metrics (g = generated images, r = reference images, ĝ r̂ = unit-length embedd
   Range [0, 2], lower is better.
 - visual_loss = the same with DINO ViT CLS embeddings. Range [0, 2], lower is better.
 - color_loss = sliced Wasserstein distance of the Lab colour distributions, background removed
-  (lora_monitor.color). ΔE-like units, 0 = same colours, lower is better.
+  (lora_monitor.evaluation.color). ΔE-like units, 0 = same colours, lower is better.
 - clip_t = mean cosine between each generated image and its own prompt (FashionCLIP text tower).
   Range [−1, 1], higher is better.
 - eval_score = Σ weight · term, with term = the loss itself for the two embedding losses and
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_monitor.color import COLOR_STATS_VERSION, color_stats, pool_stats, stats_distance
+from lora_monitor.columns import DEFAULT_WEIGHTS, HIGHER_IS_BETTER, LOSS_KEYS, METRIC_NAMES, METRIC_RANGES
 from lora_monitor.errors import UserError
-from lora_monitor.references import ReferenceFeatureCache, UnreadableImageError, file_digest, load_image
+from lora_monitor.evaluation.color import COLOR_STATS_VERSION, color_stats, pool_stats, stats_distance
+from lora_monitor.evaluation.references import ReferenceFeatureCache, UnreadableImageError, file_digest, load_image
 
 __all__ = [
     "COLOR_SCALE_DE",
@@ -50,24 +51,7 @@ __all__ = [
     "resolve_weights",
 ]
 
-METRIC_COLUMNS: tuple[str, ...] = ("visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score")
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "visual_loss": False,
-    "fashion_clip_loss": False,
-    "color_loss": False,
-    "clip_t": True,
-    "eval_score": False,
-}
-# Documented bounds; color_loss has no hard upper bound below ~200 ΔE.
-METRIC_RANGES: dict[str, tuple[float, float]] = {
-    "visual_loss": (0.0, 2.0),
-    "fashion_clip_loss": (0.0, 2.0),
-    "color_loss": (0.0, math.inf),
-    "clip_t": (-1.0, 1.0),
-    "eval_score": (0.0, math.inf),
-}
-LOSS_KEYS: tuple[str, ...] = ("visual_loss", "fashion_clip_loss", "color_loss")
-DEFAULT_WEIGHTS: dict[str, float] = {"visual_loss": 0.2, "fashion_clip_loss": 0.6, "color_loss": 0.2}
+METRIC_COLUMNS = METRIC_NAMES  # the order of score()'s keys
 # color_loss is in ΔE-like units; dividing by 100 (black vs white) brings it near the [0, 2] scale of the
 # embedding losses before weighting.
 COLOR_SCALE_DE = 100.0

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_monitor.early_stopping import METRIC_MODES
+from lora_monitor.policies.early_stopping import METRIC_MODES
 
 BEST_JSON = "best.json"
 BEST_SUFFIX = "-best.safetensors"
@@ -113,16 +113,17 @@ def best_record(best_row: dict[str, Any], rule: str) -> dict[str, Any]:
 
 
 def write_best(
-    output_dir: Path, output_name: str, best_row: dict[str, Any], rule: str, checkpoint_path: Path
+    output_dir: Path, best_name: str, best_row: dict[str, Any], rule: str, checkpoint_path: Path
 ) -> None:
-    """Publish `checkpoint_path` as `<output_name>-best.safetensors` and describe it in `best.json`.
+    """Publish `checkpoint_path` as `best_name` (`<output_name>-best.safetensors`) and describe it in
+    `best.json`.
 
     `rule` says how the best was chosen (e.g. "lowest eval_score among ok checkpoints"). Both new files are
     staged first, then renamed into place, so a failure while staging leaves the old pair untouched.
     A hard link shares the checkpoint's bytes: fine for kohya, which writes every checkpoint to a new name.
     """
     output_dir = Path(output_dir)
-    target = output_dir / best_file_name(output_name)
+    target = output_dir / best_name
     json_path = output_dir / BEST_JSON
     payload = (json.dumps(best_record(best_row, rule), indent=2) + "\n").encode()
     same = target.exists() and os.path.samefile(target, checkpoint_path)

@@ -15,7 +15,6 @@ from typing import Generic, TypeVar
 from lora_monitor.errors import UserError
 
 # (until_step, every): evaluate every 50 steps up to step 100, every 20 up to 200, then every 10.
-DEFAULT_DYNAMIC: tuple[tuple[int, int], ...] = ((100, 50), (200, 20), (10**9, 10))
 
 
 class EvalSchedule:
@@ -23,8 +22,8 @@ class EvalSchedule:
 
     every_n_steps: a fixed interval in training steps (>= 1).
     dynamic: (until_step, every) pairs with increasing until_step: up to and including until_step the
-        interval is `every`; past the last until_step the last interval goes on. Used when every_n_steps
-        is None; both None means `DEFAULT_DYNAMIC`.
+        interval is `every`; past the last until_step the last interval goes on. Exactly one of the two
+        is given (with neither, `EveryCheckpoint` is the schedule).
 
     A checkpoint is evaluated when it is final, its step is unknown, its step is 0 (the untrained
     baseline), or at least the interval in force at its step has passed since the last checkpoint this
@@ -41,11 +40,13 @@ class EvalSchedule:
             raise UserError(
                 "eval schedule: set either every_n_steps or dynamic, not both; remove one of them"
             )
+        if every_n_steps is None and dynamic is None:
+            raise UserError("eval schedule: set every_n_steps or dynamic")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise UserError(f"eval schedule: every_n_steps = {every_n_steps!r} must be a whole number >= 1")
         self.every_n_steps = every_n_steps
         self.dynamic: tuple[tuple[int, int], ...] = _checked_dynamic(
-            dynamic if dynamic is not None else DEFAULT_DYNAMIC
+            dynamic if dynamic is not None else [(1, every_n_steps or 1)]
         )
         self._last_step = 0
         self._lock = threading.Lock()
@@ -76,6 +77,13 @@ class EvalSchedule:
             else f"dynamic={self.dynamic}"
         )
         return f"EvalSchedule({rule})"
+
+
+class EveryCheckpoint:
+    """No [eval] schedule: every file kohya saves, also an epoch file saved at the step of a step file."""
+
+    def should_eval(self, step: int | None, is_final: bool) -> bool:
+        return True
 
 
 def _checked_dynamic(dynamic: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

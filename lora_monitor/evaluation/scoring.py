@@ -7,13 +7,13 @@ from typing import Any
 
 from lora_monitor.config import Config
 from lora_monitor.errors import UserError
-from lora_monitor.prompts import load_prompts
+from lora_monitor.evaluation.prompts import load_prompts
 
 
 def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts_file: Path | None) -> dict[str, Any]:
     """Score every image in `images_dir` against `references_dir`; prompts (in file order) enable clip_t."""
-    from lora_monitor.metrics import Scorer
-    from lora_monitor.references import find_reference_images, load_image
+    from lora_monitor.evaluation.metrics import Scorer
+    from lora_monitor.evaluation.references import find_reference_images, load_image
 
     references = find_reference_images(references_dir)
     if not Path(images_dir).is_dir():

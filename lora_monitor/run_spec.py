@@ -1,0 +1,157 @@
+"""Everything a run needs, worked out once from the TOML and kohya's own files into one frozen object.
+
+kohya reads its options from the command line over its `--config_file` (how the kohya_ss GUI launches it)
+and its images from `--dataset_config` or `--train_data_dir`; `RunSpec` resolves all of that in one place.
+The loops, the policies, the report and eval-dir read the run's folders, names and settings only from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_monitor.config import Config, KohyaConfig
+from lora_monitor.errors import UserError
+from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint
+
+CSV_NAME = "loss_tracker.csv"
+EVAL_FOLDER = "eval"  # <output_dir>/eval/<checkpoint stem>/: the images and manifest of one checkpoint
+KOHYA_DEFAULT_NAME = "last"  # kohya's final file without output_name (train_util.DEFAULT_LAST_OUTPUT_NAME)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run's settings. `kohya` holds the argv-ready config of `train` (None for eval-dir)."""
+
+    config: Config
+    output_dir: Path
+    output_name: str | None  # kohya's output_name; None: not known (eval-dir without kohya settings)
+    csv_path: Path
+    logging_dir: Path | None  # where kohya's TensorBoard runs are; None: kohya logs none
+    base_model: str | None
+    sdxl: bool
+    reference_dirs: tuple[Path, ...]  # kohya's training image folders, or [eval] references
+    kohya: KohyaConfig | None = None
+    kohya_args: tuple[tuple[str, Any], ...] = ()  # what kohya trains with: [kohya.args] over its config_file
+
+    @property
+    def best_name(self) -> str:
+        from lora_monitor.policies.best_checkpoint import best_file_name
+
+        return best_file_name(self.output_name or KOHYA_DEFAULT_NAME)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.metrics.cache_dir or self.output_dir / EVAL_FOLDER / ".cache"
+
+    def eval_folder(self, checkpoint: Path | str) -> Path:
+        return eval_folder(self.output_dir, checkpoint)
+
+    def schedule(self) -> EvalSchedule | EveryCheckpoint:
+        """[eval] every_n_steps or dynamic_schedule; with neither, every checkpoint kohya saves."""
+        ev = self.config.eval
+        if ev.dynamic_schedule:
+            return EvalSchedule(dynamic=[(int(a), int(b)) for a, b in ev.dynamic_schedule])
+        if ev.every_n_steps:
+            return EvalSchedule(every_n_steps=ev.every_n_steps)
+        return EveryCheckpoint()
+
+    def arg(self, key: str) -> Any:
+        return dict(self.kohya_args).get(key)
+
+
+def eval_folder(output_dir: Path, checkpoint: Path | str) -> Path:
+    """Where the images of one checkpoint are kept (the report and eval-dir read them back from here)."""
+    return Path(output_dir) / EVAL_FOLDER / Path(checkpoint).stem
+
+
+def _path(value: object, base: Path) -> Path | None:
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _base_model(config: Config, args: dict[str, Any], base: Path) -> str | None:
+    if config.eval.base_model:
+        return config.eval.base_model
+    value = args.get("pretrained_model_name_or_path")
+    if not value:
+        return None
+    from lora_monitor.kohya.process import looks_local
+
+    return str(_path(value, base)) if looks_local(str(value), base) else str(value)
+
+
+def _reference_dirs(config: Config, kohya: KohyaConfig | None) -> tuple[Path, ...]:
+    if config.eval.references is not None:
+        return (config.eval.references,)
+    if kohya is None:
+        return ()
+    from lora_monitor.kohya.process import effective_args, kohya_cwd, train_data_dirs
+
+    dirs = train_data_dirs(kohya)
+    if not dirs:  # no DreamBooth sub-folders: the images lie in train_data_dir itself
+        folder = _path(effective_args(kohya).get("train_data_dir"), kohya_cwd(kohya))
+        dirs = [folder] if folder else []
+    return tuple(dirs)
+
+
+def train_spec(config: Config) -> RunSpec:
+    """The spec of `train`: kohya's effective arguments decide the folders and names."""
+    from lora_monitor.kohya.process import effective_args, kohya_cwd
+
+    if config.kohya is None:
+        raise UserError(f"{config.source}: no [kohya] section; add [kohya] with sd_scripts and [kohya.args]")
+    args = effective_args(config.kohya)
+    base = kohya_cwd(config.kohya)
+    output_dir = _path(args.get("output_dir"), base)
+    if output_dir is None:
+        raise UserError(f"{config.source}: kohya.args.output_dir is not set; add it (kohya needs it too)")
+    kohya = config.kohya
+    logging_dir = _path(args.get("logging_dir"), base)
+    if logging_dir is None and args.get("log_with") != "wandb":
+        # kohya prints no learning rate; its TensorBoard logs have it, so make sure it writes them
+        logging_dir = output_dir / "logs"
+        kohya = dataclasses.replace(kohya, args={**kohya.args, "logging_dir": str(logging_dir)})
+        args = {**args, "logging_dir": str(logging_dir)}
+    return RunSpec(
+        config=config,
+        output_dir=output_dir,
+        output_name=str(args["output_name"]) if args.get("output_name") else None,
+        csv_path=config.output.csv or output_dir / CSV_NAME,
+        logging_dir=logging_dir,
+        base_model=_base_model(config, args, base),
+        sdxl=kohya.sdxl,
+        reference_dirs=_reference_dirs(config, config.kohya),
+        kohya=kohya,
+        kohya_args=tuple(args.items()),
+    )
+
+
+def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) -> RunSpec:
+    """The spec of `eval-dir FOLDER`: the config's kohya settings describe the folder only when the folder is
+    that run's output_dir; otherwise its logs are looked for in FOLDER/logs and names come from the files."""
+    folder = folder.resolve()
+    args: dict[str, Any] = {}
+    base = folder
+    if config.kohya is not None:
+        from lora_monitor.kohya.process import effective_args, kohya_cwd
+
+        args, base = effective_args(config.kohya), kohya_cwd(config.kohya)
+    own_run = _path(args.get("output_dir"), base) == folder
+    logging_dir = _path(args.get("logging_dir"), base) if own_run else None
+    return RunSpec(
+        config=config,
+        output_dir=folder,
+        output_name=str(args["output_name"]) if own_run and args.get("output_name") else None,
+        csv_path=csv_path or config.output.csv or folder / CSV_NAME,
+        logging_dir=logging_dir or folder / "logs",
+        base_model=_base_model(config, args, base),
+        sdxl=config.kohya.sdxl if config.kohya else False,
+        reference_dirs=_reference_dirs(config, config.kohya),
+        kohya=None,
+        kohya_args=tuple(args.items()),
+    )

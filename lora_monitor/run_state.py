@@ -1,0 +1,165 @@
+"""What `train` and `eval-dir` share: the run's state (tracker, view, pending results, decisions).
+
+One main thread owns the tracker and the view; the trainer's reader threads, the watcher and the
+evaluation worker only put events on one queue.
+
+A row's total_loss, epoch and learning rate come from one place each, the same in both loops:
+- total_loss and learning_rate: kohya's TensorBoard logs (`loss/average` at full precision, `lr/*`). Only
+  when kohya logs no TensorBoard (`log_with = "wandb"`) does `train` fall back to the `avr_loss` kohya draws
+  on its bar (3 significant digits).
+- epoch: the `epoch n/N` kohya printed when it drew the step; else the file's `ss_epoch` metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from lora_monitor import events as ev
+from lora_monitor.checkpoints.files import is_final_name, step_from_name, step_of
+from lora_monitor.columns import METRIC_NAMES
+from lora_monitor.kohya.tensorboard import StepFacts
+from lora_monitor.policies.decisions import Decisions
+from lora_monitor.run_spec import RunSpec
+from lora_monitor.tracking.live import LiveView
+from lora_monitor.tracking.rows import TrainingValues, build_row, epoch_from_metadata
+from lora_monitor.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def ready_of(path: Path, output_name: str | None) -> ev.CheckpointReady:
+    step = step_of(path)
+    return ev.CheckpointReady(
+        path=path, step=step, epoch=step_from_name(path)[1], is_final=is_final_name(path, output_name)
+    )
+
+
+def checkpoint_order(path: Path, output_name: str | None) -> tuple[int, int, str]:
+    """Sort key of LoRA files: by step, a final file after the step file of the same step, then by name."""
+    step = step_of(path)
+    final = is_final_name(path, output_name)
+    return (step if step is not None else 10**12, 1 if final else 0, path.name)
+
+
+def _tensorboard_of(spec: RunSpec) -> Any:
+    """lora-monitor's own TensorBoard run beside kohya's, when [output] tensorboard = true."""
+    if not spec.config.output.tensorboard:
+        return None
+    from lora_monitor.tracking.tensorboard_writer import TensorBoardWriter
+
+    return TensorBoardWriter(spec.logging_dir or spec.output_dir / "logs")
+
+
+class RunState:
+    """State shared by train and eval-dir: the tracker, the view, pending results and the decisions."""
+
+    def __init__(self, spec: RunSpec, view: LiveView, primary: bool = True) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.output_dir = spec.output_dir
+        self.view = view
+        self.tracker = Tracker(spec.csv_path)
+        self.events: queue.Queue[object] = queue.Queue()
+        self.decisions = Decisions(spec, self.tracker)
+        self.primary = primary  # only the primary process publishes best.json and the report
+        self.waiting: list[tuple[float, ev.EvalResult]] = []
+        self.printed_loss: dict[int, float] = {}  # step -> the last avr_loss kohya drew with it
+        self.printed_epoch: dict[int, int] = {}  # step -> the epoch in force when kohya first drew it
+        self.fatal: str | None = None
+        self.stop_reason: str | None = None
+        self.stop_step: int | None = None
+        self.tensorboard = _tensorboard_of(spec)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def note_progress(self, item: ev.TrainProgress) -> None:
+        if item.step >= 1:
+            if item.epoch is not None:
+                self.printed_epoch.setdefault(item.step, item.epoch)
+            if item.loss is not None:
+                self.printed_loss[item.step] = item.loss
+
+    def values_at(self, step: int | None, logs: StepFacts | None) -> TrainingValues:
+        """The trainer's loss, epoch and learning rate at `step` (see the module docstring for the sources)."""
+        if step is None:
+            return TrainingValues()
+        if logs is not None:
+            loss, lr = logs.loss.get(step), logs.lr_at(step)
+        else:
+            loss, lr = self.printed_loss.get(step), None
+        return TrainingValues(loss=loss, epoch=self.printed_epoch.get(step), learning_rate=lr)
+
+    def _to_tensorboard(self, row: dict[str, str], checkpoint: Path) -> None:
+        if self.tensorboard is None or row.get("status") != "ok" or not row.get("step"):
+            return
+        from PIL import Image
+
+        metrics = {k: float(row[k]) for k in METRIC_NAMES if row.get(k)}
+        images = []
+        for path in sorted(self.spec.eval_folder(checkpoint).glob("[0-9][0-9].png")):
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        try:
+            self.tensorboard.add_row(int(row["step"]), metrics, images or None)
+        except OSError as exc:
+            self.view.message(f"warning: TensorBoard row not written ({exc})")
+
+    def write_result(self, result: ev.EvalResult, values: TrainingValues) -> None:
+        epoch_hint = epoch_from_metadata(result.checkpoint) if result.checkpoint.exists() else None
+        row = self.tracker.append(build_row(result, values, epoch_hint))
+        self.view.add_row(row)
+        self._to_tensorboard(row, result.checkpoint)
+        if not self.primary:
+            return
+        verdict = self.decisions.after_row(row)
+        self.view.set_best(verdict.best_text)
+        self.view.set_patience(verdict.patience_text)
+        if verdict.stop and self.stop_reason is None:
+            self.stop_reason = verdict.reason
+            self.stop_step = int(row["step"]) if row.get("step") else None
+            self.view.message(f"early stop: {verdict.reason}")
+            self.decisions.record_early_stop(str(verdict.reason), row)
+
+    def handle_common(self, item: object, arrived: float) -> bool:
+        if isinstance(item, ev.EvalResult):
+            self.waiting.append((arrived, item))
+        elif isinstance(item, ev.EvalWarning):
+            self.view.message(f"warning: {item.text}")
+        elif isinstance(item, ev.EvalDisabled):
+            self.fatal = item.reason
+            self.view.message(f"evaluation disabled: {item.reason}")
+        elif isinstance(item, ev.FileDeleted):
+            self.view.message(f"{item.path.name}: deleted before it was complete; skipped")
+        else:
+            return False
+        return True
+
+
+class SignalCatcher:
+    """Ctrl-C / SIGTERM on the monitor: remember it; the loop stops kohya as the process rules say."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalCatcher:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
