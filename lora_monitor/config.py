@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -35,6 +36,16 @@ KOHYA_PATH_ARGS = frozenset(
         "resume",
     }
 )
+
+
+# [eval] scheduler: name -> diffusers class ("default" keeps the base model's own scheduler).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
 
 
 @dataclass(frozen=True)
@@ -264,6 +275,16 @@ def validate(config: Config) -> None:
             raise UserError(f"{where}: eval.{key} = {value}: must be a positive whole number")
     if ev.guidance_scale < 0:
         raise UserError(f"{where}: eval.guidance_scale = {ev.guidance_scale}: must be >= 0")
+    if ev.scheduler != "default" and ev.scheduler not in SCHEDULERS:
+        raise UserError(f"{where}: eval.scheduler = {ev.scheduler!r}: unknown; "
+                        f"{_closest(ev.scheduler, ['default', *SCHEDULERS])} (valid: default, {', '.join(SCHEDULERS)})")
+    weights = config.metrics.weights
+    for key, value in weights.items():
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{where}: metrics.weights.{key} = {value}: must be a number >= 0")
+    if weights and sum(weights.values()) == 0:
+        raise UserError(f"{where}: metrics.weights: all are 0; give at least one of {', '.join(LOSS_KEYS)} "
+                        "a weight > 0")
     if ev.memory not in ("auto", "full", "offload"):
         raise UserError(f"{where}: eval.memory = {ev.memory!r}: use 'auto', 'full' or 'offload'")
     if not (ev.device in ("auto", "cpu", "cuda") or ev.device.startswith("cuda:")):

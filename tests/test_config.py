@@ -42,6 +42,10 @@ def test_good_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
 
 
 BAD = [
+    # caught at load, before kohya is launched (not when the evaluator starts)
+    ("[eval]\nscheduler = 'eulr_a'\n", "eval.scheduler = 'eulr_a': unknown; did you mean 'euler_a'?"),
+    ("[metrics.weights]\ncolor_loss = -0.5\n", "metrics.weights.color_loss = -0.5: must be a number >= 0"),
+    ("[metrics.weights]\ncolor_loss = 0\nvisual_loss = 0\nfashion_clip_loss = 0\n", "metrics.weights: all are 0"),
     ("[kohya]\nsd_scripts = 'x'\n[eval]\nstepz = 3\n", "eval.stepz: unknown key; did you mean 'steps'?"),
     ("[evall]\n", "unknown section [evall]; did you mean 'eval'?"),
     ("[eval]\nsteps = 'ten'\n", "eval.steps: expected int, got str"),

@@ -75,7 +75,9 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 def foreground_lab(image: Image.Image) -> np.ndarray:
     """Lab values (n, 3) of the pixels that are not near-white background (see module docstring)."""
-    rgb = image.convert("RGB")
+    from lora_monitor.evaluation.references import to_rgb_on_white
+
+    rgb = to_rgb_on_white(image)  # transparent pixels are white, as for image files
     if max(rgb.size) > MAX_SIDE:
         scale = MAX_SIDE / max(rgb.size)
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))

@@ -29,19 +29,12 @@ from PIL import Image
 
 from lora_monitor.checkpoints.files import NotALoraError, lora_format, read_header
 from lora_monitor.checkpoints.formats import normalize_lora_state
-from lora_monitor.config import EvalConfig
+from lora_monitor.config import SCHEDULERS, EvalConfig
 from lora_monitor.errors import EvalError, UserError
 from lora_monitor.evaluation.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmsolver++": "DPMSolverMultistepScheduler",
-    "pndm": "PNDMScheduler",
-}
 # `memory = auto` keeps the whole pipeline on the GPU when free memory is at least this many times the
 # weights: SD1.5 in fp16 (1.99 GiB of weights) peaked at 5.06 GiB evaluating 5 prompts at 512 px on an H100.
 FULL_MEMORY_FACTOR = 2.5

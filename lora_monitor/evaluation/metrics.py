@@ -127,7 +127,9 @@ def eval_score(metrics: Mapping[str, float], weights: Mapping[str, float]) -> fl
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """`image` centred on a white square canvas, so a model's centre crop cannot cut off a tall garment."""
-    rgb = image.convert("RGB")
+    from lora_monitor.evaluation.references import to_rgb_on_white
+
+    rgb = to_rgb_on_white(image)  # transparent pixels are white, as for image files
     side = max(rgb.size)
     if rgb.width == rgb.height:
         return rgb

@@ -90,7 +90,7 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb_on_white(img)
+            return to_rgb_on_white(img)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise UnreadableImageError(
@@ -98,7 +98,7 @@ def load_image(path: Path) -> Image.Image:
         ) from exc
 
 
-def _to_rgb_on_white(img: Image.Image) -> Image.Image:
+def to_rgb_on_white(img: Image.Image) -> Image.Image:
     """RGB copy of `img`; transparent pixels become white rather than black."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

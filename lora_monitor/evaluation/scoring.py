@@ -35,8 +35,8 @@ def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts
     for path in image_paths:
         try:
             images.append(load_image(path))
-        except (OSError, ValueError) as exc:
-            skipped.append(f"{path}: {exc}")
+        except UserError as exc:  # load_image's UnreadableImageError: one bad file does not stop the rest
+            skipped.append(str(exc))
     if not images:
         raise UserError(f"{images_dir}: no readable images to score")
     if prompts is not None and skipped:
