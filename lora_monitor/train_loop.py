@@ -91,14 +91,19 @@ class TrainRun:
         kohya redrew the step with its final avr_loss (it draws a step again after saving)."""
         if step is None or self.proc.returncode is not None or waited > SETTLE_WAIT_S:
             return True
-        if self.logs is not None:
-            return (self.logs.facts.last_step or 0) >= step
+        if self.logged():
+            return (self.logs.facts.last_step or 0) >= step  # type: ignore[union-attr]
         return self.current_step > step or self.redraws.get(step, 0) >= 2
+
+    def logged(self) -> bool:
+        """Does kohya write a TensorBoard run? It creates it before its first step, so by the first save
+        a run that is not there will not come (a trainer without TensorBoard: its printed loss is used)."""
+        return self.logs is not None and self.logs.run is not None
 
     def write_settled(self) -> None:
         now = time.monotonic()
         keep = []
-        facts = self.logs.facts if self.logs is not None else None
+        facts = self.logs.facts if self.logged() else None  # type: ignore[union-attr]
         for arrived, result in self.state.waiting:
             if self.settled(result.step, now - arrived):
                 self.state.write_result(result, self.state.values_at(result.step, facts))
