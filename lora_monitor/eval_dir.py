@@ -33,6 +33,7 @@ from lora_monitor.tracking.tracker import Tracker
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PEER_WAIT_S = 3600.0  # how long process 0 waits for the other processes before writing the report
+WORKER_EXIT_WAIT_S = 300.0  # at exit, for the evaluation in progress (and a model load) to end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +196,9 @@ def _evaluate(spec: RunSpec, watch: bool, view: LiveView, inputs: Inputs, slot: 
         finally:
             if watcher:
                 watcher.stop()
+            # Let the worker finish the checkpoint in hand (the rest is left for the next eval-dir): a thread
+            # still inside torch when the interpreter exits can abort the process (SIGABRT).
+            worker.close(timeout=WORKER_EXIT_WAIT_S, backfill=False)
     if caught.signum is not None:
         view.message(f"stopped ({signal.Signals(caught.signum).name}); rows written so far are kept")
     _finish(loop, folder, csv_path, slot)
