@@ -147,7 +147,6 @@ class SignalCatcher:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.count = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> SignalCatcher:
@@ -158,7 +157,6 @@ class SignalCatcher:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
-        self.count += 1
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
