@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 from lora_monitor import events as ev
-from lora_monitor.checkpoints.files import read_header, step_from_name, why_incomplete
+from lora_monitor.checkpoints.files import checkpoint_order, read_header, ready_of, step_from_name, why_incomplete
 from lora_monitor.checkpoints.watcher import CheckpointWatcher, is_candidate, list_checkpoints
 from lora_monitor.columns import COLUMNS
 from lora_monitor.config import Config
@@ -26,7 +26,7 @@ from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
 from lora_monitor.kohya.tensorboard import StepFacts, read_run, run_for_session
 from lora_monitor.lock import OutputLock
 from lora_monitor.run_spec import RunSpec, eval_dir_spec
-from lora_monitor.run_state import RunState, SignalCatcher, checkpoint_order, ready_of
+from lora_monitor.run_state import RunState, SignalCatcher
 from lora_monitor.tracking.live import LiveView
 from lora_monitor.tracking.rows import TrainingValues
 from lora_monitor.tracking.tracker import Tracker

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_monitor import events as ev
-from lora_monitor.checkpoints.files import is_final_name, step_from_name, step_of
 from lora_monitor.columns import METRIC_NAMES
 from lora_monitor.kohya.tensorboard import StepFacts
 from lora_monitor.policies.decisions import Decisions
@@ -30,20 +29,6 @@ from lora_monitor.tracking.rows import TrainingValues, build_row, epoch_from_met
 from lora_monitor.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def ready_of(path: Path, output_name: str | None) -> ev.CheckpointReady:
-    step = step_of(path)
-    return ev.CheckpointReady(
-        path=path, step=step, epoch=step_from_name(path)[1], is_final=is_final_name(path, output_name)
-    )
-
-
-def checkpoint_order(path: Path, output_name: str | None) -> tuple[int, int, str]:
-    """Sort key of LoRA files: by step, a final file after the step file of the same step, then by name."""
-    step = step_of(path)
-    final = is_final_name(path, output_name)
-    return (step if step is not None else 10**12, 1 if final else 0, path.name)
 
 
 def _tensorboard_of(spec: RunSpec) -> Any:
@@ -60,7 +45,6 @@ class RunState:
 
     def __init__(self, spec: RunSpec, view: LiveView, primary: bool = True) -> None:
         self.spec = spec
-        self.config = spec.config
         self.output_dir = spec.output_dir
         self.view = view
         self.tracker = Tracker(spec.csv_path)

@@ -13,6 +13,7 @@ import signal
 import time
 
 from lora_monitor import events as ev
+from lora_monitor.checkpoints.files import ready_of
 from lora_monitor.checkpoints.watcher import CheckpointWatcher, list_checkpoints
 from lora_monitor.config import Config
 from lora_monitor.evaluation.inputs import check_inputs
@@ -22,7 +23,7 @@ from lora_monitor.kohya.tensorboard import LogFollower
 from lora_monitor.lock import OutputLock
 from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint
 from lora_monitor.run_spec import RunSpec, train_spec
-from lora_monitor.run_state import RunState, SignalCatcher, ready_of
+from lora_monitor.run_state import RunState, SignalCatcher
 from lora_monitor.tracking.live import LiveView
 
 SETTLE_WAIT_S = 60.0  # longest a finished evaluation waits for kohya's values of its step

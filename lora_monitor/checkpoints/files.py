@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_monitor import events as ev
+
 # kohya save names: {name}-step{step:08d}, {name}-{epoch:06d}, final {name}
 STEP_RE = re.compile(r"-step(\d+)$")
 EPOCH_RE = re.compile(r"-(\d{6})$")
@@ -152,3 +154,17 @@ def tensor_fingerprint(path: Path, header: Header | None = None) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def ready_of(path: Path, output_name: str | None) -> ev.CheckpointReady:
+    step = step_of(path)
+    return ev.CheckpointReady(
+        path=path, step=step, epoch=step_from_name(path)[1], is_final=is_final_name(path, output_name)
+    )
+
+
+def checkpoint_order(path: Path, output_name: str | None) -> tuple[int, int, str]:
+    """Sort key of LoRA files: by step, a final file after the step file of the same step, then by name."""
+    step = step_of(path)
+    final = is_final_name(path, output_name)
+    return (step if step is not None else 10**12, 1 if final else 0, path.name)

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from lora_monitor.checkpoints.watcher import CheckpointWatcher, list_checkpoints
-from tests.test_lora_files import kohya_lora
+from tests.checkpoints.test_files import kohya_lora
 
 
 def _wait(cond, timeout: float = 10.0) -> bool:

@@ -27,8 +27,8 @@ from lora_monitor.kohya.process import (
     preflight,
     train_data_dirs,
 )
+from tests.kohya.test_output_parser import EXPECTED, PROGRESS
 from tests.kohya_replay import FIXTURE_OUT, SAVES, replay_plan
-from tests.test_output_parser import EXPECTED, PROGRESS
 
 REPLAY_SECONDS = 3.0  # the captured 238 s run, squeezed
 SAVE_SECONDS = 0.6  # each LoRA file is written over this long, in SAVE_PIECES writes

@@ -25,7 +25,7 @@ from lora_monitor.demo.tokenizer import build_clip_tokenizer, bytes_to_unicode
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-TRAINER = Path(__file__).resolve().parents[1] / "lora_monitor" / "demo" / "sd_scripts" / "train_network.py"
+TRAINER = Path(__file__).resolve().parents[2] / "lora_monitor" / "demo" / "sd_scripts" / "train_network.py"
 SIZE = 32
 
 
