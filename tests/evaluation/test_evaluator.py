@@ -337,10 +337,49 @@ def test_oom_without_offload_possible_fails_with_reason(
 
 
 def test_memory_offload_setting_is_applied(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert make(memory="offload").memory_mode == "full"  # nothing to offload to on a CPU
-    monkeypatch.setattr(ev, "enable_offload", lambda pipe, device: True)
-    assert make(memory="offload").memory_mode == "offload"
-    assert make(memory="auto").memory_mode == "full"
+    """`memory = "offload"` asks for offload on the evaluator's own device and reports what it got."""
+    assert make(memory="offload").memory_mode == "full"  # the real enable_offload: nothing to offload to on a CPU
+    calls: list[tuple[object, str]] = []
+    answer = {"value": True}
+
+    def fake(pipe: object, device: torch.device) -> bool:
+        calls.append((pipe, str(device)))
+        return answer["value"]
+
+    monkeypatch.setattr(ev, "enable_offload", fake)
+    offloaded = make(memory="offload")
+    assert calls == [(offloaded.pipe, "cpu")] and offloaded.memory_mode == "offload"
+    answer["value"] = False
+    assert make(memory="offload").memory_mode == "full"  # offload refused: the mode says so
+    calls.clear()
+    assert make(memory="auto").memory_mode == "full" and make(memory="full").memory_mode == "full"
+    assert calls == []  # only "offload" asks for it at start; "auto" decided when the pipeline was placed
+
+
+class _OffloadPipe:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.devices: list[str] = []
+
+    def enable_model_cpu_offload(self, device: torch.device) -> None:
+        self.devices.append(str(device))
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "expected", "called"),
+    [
+        ("cpu", None, False, []),  # nothing to offload to
+        ("cuda:1", None, True, ["cuda:1"]),  # on the evaluator's own GPU
+        ("cuda:0", RuntimeError("accelerate too old"), False, ["cuda:0"]),
+        ("cuda:0", ImportError("no accelerate"), False, ["cuda:0"]),
+    ],
+)
+def test_enable_offload(device: str, error: Exception | None, expected: bool, called: list[str]) -> None:
+    pipe = _OffloadPipe(error)
+    assert ev.enable_offload(pipe, torch.device(device)) is expected
+    assert pipe.devices == called
 
 
 # ---------------------------------------------------------------------------------- bad LoRA files
