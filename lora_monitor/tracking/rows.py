@@ -2,6 +2,8 @@
 
 total_loss, epoch and learning_rate are the trainer's own values at the checkpoint's step, read from its
 output or its TensorBoard logs; when it never said them the cell stays empty - never invented.
+TensorBoard stores them as float32: they are written as the shortest decimal that reads back as the same
+float32 (1e-4, not 9.999999747378752e-05).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lora_monitor.checkpoints.files import read_header
 from lora_monitor.columns import METRIC_NAMES
@@ -25,6 +29,20 @@ class TrainingValues:
     learning_rate: float | None = None
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_decimal(value: float | None) -> float | None:
+    """The float whose repr is the shortest decimal that round-trips `value` as a float32.
+
+    A value parsed from kohya's printed text (3 significant digits) comes back unchanged: every decimal of
+    up to 6 significant digits survives float32.
+    """
+    if value is None or not abs(value) <= FLOAT32_MAX:  # None, nan, inf, or beyond float32: as it is
+        return value
+    return float(str(np.float32(value)))
+
+
 def epoch_from_metadata(path: Path) -> int | None:
     """kohya's ss_epoch is 0-based in step files and 1-based in epoch/final files."""
     try:
@@ -39,8 +57,8 @@ def build_row(result: EvalResult, values: TrainingValues, epoch_hint: int | None
     row: dict[str, Any] = {
         "step": result.step,
         "epoch": values.epoch,
-        "total_loss": values.loss,
-        "learning_rate": values.learning_rate,
+        "total_loss": float32_decimal(values.loss),
+        "learning_rate": float32_decimal(values.learning_rate),
         "timestamp": now_iso(),
         "checkpoint": result.checkpoint.name,
         "eval_seconds": round(result.seconds, 3) if result.seconds is not None else None,
