@@ -90,6 +90,9 @@ class MetricsConfig:
         default_factory=lambda: dict(DEFAULT_WEIGHTS)
     )
     cache_dir: Path | None = None
+    # Copy distance below which a generated image counts as a copy of a training image: Carlini et al.
+    # 2023's δ, calibrated in tests/evaluation/test_memorisation.py (= memorisation.COPY_THRESHOLD).
+    copy_threshold: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,10 @@ def validate(config: Config) -> None:
     if weights and sum(weights.values()) == 0:
         raise UserError(f"{where}: metrics.weights: all are 0; give at least one of {', '.join(LOSS_KEYS)} "
                         "a weight > 0")
+    threshold = config.metrics.copy_threshold
+    if not math.isfinite(threshold) or not 0 < threshold <= 1:
+        raise UserError(f"{where}: metrics.copy_threshold = {threshold}: must be in (0, 1] (a tiled RMS pixel "
+                        "distance; 0.15 is the published default)")
     if ev.memory not in ("auto", "full", "offload"):
         raise UserError(f"{where}: eval.memory = {ev.memory!r}: use 'auto', 'full' or 'offload'")
     if not (ev.device in ("auto", "cpu", "cuda") or ev.device.startswith("cuda:")):
