@@ -8,11 +8,13 @@ The loops, the policies, the report and eval-dir read the run's folders, names a
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_monitor.config import Config, KohyaConfig
+from lora_monitor.config import Config, EvalConfig, KohyaConfig
 from lora_monitor.errors import UserError
 from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint
 
@@ -35,6 +37,15 @@ class RunSpec:
     reference_dirs: tuple[Path, ...]  # kohya's training image folders, or [eval] references
     kohya: KohyaConfig | None = None
     kohya_args: tuple[tuple[str, Any], ...] = ()  # what kohya trains with: [kohya.args] over its config_file
+    resolution: tuple[int, int] | None = None  # (width, height) kohya trains at; None: not known
+
+    @property
+    def eval_config(self) -> EvalConfig:
+        """[eval] with the image size of prompts that give none: [eval] width/height, else the resolution
+        kohya trains at (None left: the base model's own size)."""
+        ev = self.config.eval
+        width, height = self.resolution or (None, None)
+        return dataclasses.replace(ev, width=ev.width or width, height=ev.height or height)
 
     @property
     def best_name(self) -> str:
@@ -99,6 +110,72 @@ def _reference_dirs(config: Config, kohya: KohyaConfig | None) -> tuple[Path, ..
     return tuple(dirs)
 
 
+def parse_resolution(value: object) -> tuple[int, int] | None:
+    """(width, height) from kohya's `resolution`: "512" or "512,768" on its command line or config_file
+    (train_util.prepare_dataset_args splits on ","), 512 or [512, 768] in a dataset_config. None when absent
+    or not a size (kohya reports that itself)."""
+    if isinstance(value, str):
+        parts: list[object] = [p.strip() for p in value.split(",")]
+    elif isinstance(value, list | tuple):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        numbers = [int(p) for p in parts if not isinstance(p, bool | float)]  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != len(parts) or len(numbers) not in (1, 2) or min(numbers) <= 0:
+        return None
+    return (numbers[0], numbers[-1])
+
+
+def _kohya_resolution(args: dict[str, Any], base: Path) -> tuple[int, int] | None:
+    """As kohya's config_util picks it: the (first) dataset's own value, then [general], then the argument."""
+    if args.get("dataset_config"):
+        from lora_monitor.kohya.process import read_dataset_config
+
+        config = read_dataset_config(_path(args["dataset_config"], base))  # type: ignore[arg-type]
+        datasets = config.get("datasets") or [{}]
+        for table in (datasets[0], config.get("general")):
+            size = parse_resolution(table.get("resolution")) if isinstance(table, dict) else None
+            if size:
+                return size
+    return parse_resolution(args.get("resolution"))
+
+
+def metadata_resolution(metadata: dict[str, str]) -> tuple[int, int] | None:
+    """The training size a kohya LoRA records: `ss_resolution` "(512, 512)" (str of kohya's tuple), else the
+    first of `ss_datasets` (dataset_config runs), else `modelspec.resolution` "512x512"."""
+    size = _numbers(metadata.get("ss_resolution", ""))
+    if size is None and metadata.get("ss_datasets"):
+        try:
+            datasets = json.loads(metadata["ss_datasets"])
+            size = parse_resolution(datasets[0].get("resolution")) if datasets else None
+        except (ValueError, TypeError, AttributeError, IndexError):
+            size = None
+    return size or _numbers(metadata.get("modelspec.resolution", ""))
+
+
+def _numbers(text: str) -> tuple[int, int] | None:
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    return (numbers[0], numbers[1]) if len(numbers) == 2 and min(numbers) > 0 else None
+
+
+def _folder_resolution(folder: Path) -> tuple[int, int] | None:
+    """The training size recorded in the newest LoRA file of `folder` that records one."""
+    from lora_monitor.checkpoints.files import read_header
+    from lora_monitor.checkpoints.watcher import list_checkpoints
+
+    for path in sorted(list_checkpoints(folder), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            size = metadata_resolution(read_header(path).metadata)
+        except (OSError, ValueError):
+            continue
+        if size:
+            return size
+    return None
+
+
 def train_spec(config: Config) -> RunSpec:
     """The spec of `train`: kohya's effective arguments decide the folders and names."""
     from lora_monitor.kohya.process import effective_args, kohya_cwd
@@ -128,6 +205,7 @@ def train_spec(config: Config) -> RunSpec:
         reference_dirs=_reference_dirs(config, config.kohya),
         kohya=kohya,
         kohya_args=tuple(args.items()),
+        resolution=_kohya_resolution(args, base),
     )
 
 
@@ -154,4 +232,13 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
         reference_dirs=_reference_dirs(config, config.kohya),
         kohya=None,
         kohya_args=tuple(args.items()),
+        resolution=(_own_resolution(args, base) if own_run else None) or _folder_resolution(folder),
     )
+
+
+def _own_resolution(args: dict[str, Any], base: Path) -> tuple[int, int] | None:
+    """eval-dir of the config's own run: a dataset_config gone since training leaves the files to say."""
+    try:
+        return _kohya_resolution(args, base)
+    except UserError:
+        return None

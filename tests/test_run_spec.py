@@ -115,3 +115,89 @@ def test_train_with_every_path_only_in_kohyas_config_file(tmp_path: Path, demo_a
     assert rows["learning_rate"].notna().all()  # read from the file's own logging_dir
     assert list((tmp_path / "tb").iterdir()) and not (out / "logs").exists()
     assert (out / "gui_run-best.safetensors").exists() and not (out / "last-best.safetensors").exists()
+
+
+def _sized_spec(tmp_path: Path, kohya_args: str = "", eval_: str = "", dataset: str | None = None,
+                file_args: dict[str, Any] | None = None) -> Any:
+    (tmp_path / "sd-scripts").mkdir(exist_ok=True)
+    if dataset is not None:
+        (tmp_path / "data.toml").write_text(dataset, encoding="utf-8")
+        kohya_args += 'dataset_config = "data.toml"\n'
+    if file_args is not None:
+        (tmp_path / "kohya.toml").write_text(_table("model", file_args), encoding="utf-8")
+        kohya_args += 'config_file = "kohya.toml"\n'
+    config = tmp_path / "run.toml"
+    config.write_text(f'[kohya]\nsd_scripts = "sd-scripts"\n[kohya.args]\noutput_dir = "out"\n{kohya_args}'
+                      f"[eval]\n{eval_}", encoding="utf-8")
+    return train_spec(parse_config(config.read_text(), config))
+
+
+@pytest.mark.parametrize(
+    ("kohya_args", "eval_", "dataset", "file_args", "size"),
+    [
+        ('resolution = "512"\n', "", None, None, (512, 512)),
+        ('resolution = "1024,768"\n', "", None, None, (1024, 768)),  # kohya's W,H
+        ('resolution = "768, 512"\n', "", None, None, (768, 512)),
+        ("resolution = 640\n", "", None, None, (640, 640)),
+        ("", "", None, {"resolution": "1024,1024"}, (1024, 1024)),  # only in kohya's config_file
+        ('resolution = "512"\n', "", None, {"resolution": "1024"}, (512, 512)),  # the command line wins
+        # dataset_config: the first dataset's own value, then [general], then the argument (kohya's order)
+        ('resolution = "512"\n', "", "[general]\nresolution = 768\n[[datasets]]\nresolution = [1024, 896]\n",
+         None, (1024, 896)),
+        ('resolution = "512"\n', "", "[general]\nresolution = [768, 640]\n[[datasets]]\nbatch_size = 1\n",
+         None, (768, 640)),
+        ('resolution = "512"\n', "", "[[datasets]]\nbatch_size = 1\n", None, (512, 512)),
+        # [eval] width/height win, each on its own
+        ('resolution = "1024"\n', "width = 256\nheight = 384\n", None, None, (256, 384)),
+        ('resolution = "1024,768"\n', "width = 256\n", None, None, (256, 768)),
+        # nothing known (or not a size kohya accepts): the base model's own size
+        ("", "", None, None, (None, None)),
+        ('resolution = "big"\n', "", None, None, (None, None)),
+        ('resolution = "512,512,3"\n', "", None, None, (None, None)),
+    ],
+)
+def test_eval_size_defaults_to_kohyas_resolution(tmp_path: Path, kohya_args: str, eval_: str,
+                                                 dataset: str | None, file_args: dict[str, Any] | None,
+                                                 size: tuple[int | None, int | None]) -> None:
+    ev = _sized_spec(tmp_path, kohya_args, eval_, dataset, file_args).eval_config
+    assert (ev.width, ev.height) == size
+
+
+def _lora_file(path: Path, metadata: dict[str, str]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(4, 8)}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "size"),
+    [
+        ({"ss_resolution": "(512, 512)"}, (512, 512)),  # str() of kohya's (W, H) tuple
+        ({"ss_resolution": "(1024, 768)"}, (1024, 768)),
+        # a dataset_config run: ss_resolution is "None", each dataset's size is in ss_datasets
+        ({"ss_resolution": "None", "ss_datasets": '[{"resolution": [896, 640]}]'}, (896, 640)),
+        ({"modelspec.resolution": "64x64"}, (64, 64)),
+        ({"ss_resolution": "None"}, (None, None)),
+        ({}, (None, None)),
+    ],
+)
+def test_eval_dir_size_comes_from_the_files_metadata(tmp_path: Path, metadata: dict[str, str],
+                                                     size: tuple[int | None, int | None]) -> None:
+    _lora_file(tmp_path / "run" / "a-step00000002.safetensors", metadata)
+    ev = eval_dir_spec(parse_config("", tmp_path / "c.toml"), tmp_path / "run").eval_config
+    assert (ev.width, ev.height) == size
+
+
+def test_eval_dir_prefers_the_configs_resolution_for_its_own_folder(tmp_path: Path) -> None:
+    _lora_file(tmp_path / "sd-scripts" / "out" / "a-step00000002.safetensors", {"ss_resolution": "(512, 512)"})
+    config = tmp_path / "run.toml"
+    config.write_text('[kohya]\nsd_scripts = "sd-scripts"\n[kohya.args]\noutput_dir = "sd-scripts/out"\n'
+                      'resolution = "1024,768"\n', encoding="utf-8")
+    parsed = parse_config(config.read_text(), config)
+    own = eval_dir_spec(parsed, tmp_path / "sd-scripts" / "out").eval_config
+    assert (own.width, own.height) == (1024, 768)
+    _lora_file(tmp_path / "other" / "b.safetensors", {"ss_resolution": "(512, 512)"})
+    other = eval_dir_spec(parsed, tmp_path / "other").eval_config  # another run's folder: its own files say
+    assert (other.width, other.height) == (512, 512)

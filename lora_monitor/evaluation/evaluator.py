@@ -304,6 +304,8 @@ class Evaluator:
 
     def _groups(self) -> dict[GroupKey, list[int]]:
         groups: dict[GroupKey, list[int]] = {}
+        # cfg.width/height are [eval]'s or else kohya's training resolution (RunSpec.eval_config); only
+        # when neither is known does the base model's own size apply
         default_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         for i, p in enumerate(self.prompts):
             key = (
