@@ -75,7 +75,7 @@ def build_models(spec: RunSpec, inputs: Inputs) -> Models:
     warnings = list(scorer.set_references(inputs.references))
     pipe = load_pipeline(str(spec.base_model), spec.sdxl, device, memory=config.eval.memory)
     warnings += long_prompt_warnings(pipe, inputs.prompts)
-    evaluator = Evaluator(pipe, inputs.prompts, config.eval, spec.output_dir)
+    evaluator = Evaluator(pipe, inputs.prompts, spec.eval_config, spec.output_dir)
     return Models(evaluator=evaluator, scorer=scorer, output_dir=spec.output_dir, warnings=warnings)
 
 
