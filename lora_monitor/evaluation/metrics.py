@@ -430,6 +430,12 @@ class Scorer:
             for i, im in enumerate(images)
         ]
 
+    def embed_visual(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, d) DINO embeddings of `images` with the visual_loss model (padded to square like the metrics)."""
+        if not images:
+            raise ValueError("embed_visual() needs at least one image")
+        return self._dino.embed_images(images)
+
     def score(self, images: list[Image.Image], prompts: list[str] | None = None) -> dict[str, float]:
         """Metrics of `images` (one checkpoint) against the references, keys in METRIC_COLUMNS order.
 
