@@ -54,6 +54,7 @@ class RunState:
         self.waiting: list[tuple[float, ev.EvalResult]] = []
         self.printed_loss: dict[int, float] = {}  # step -> the last avr_loss kohya drew with it
         self.printed_epoch: dict[int, int] = {}  # step -> the epoch in force when kohya first drew it
+        self._last_draw: tuple[int, float | None] | None = None  # (step, loss) of kohya's last redraw
         self.fatal: str | None = None
         self.stop_reason: str | None = None
         self.stop_step: int | None = None
@@ -63,12 +64,26 @@ class RunState:
         if self.tensorboard is not None:
             self.tensorboard.close()
 
-    def note_progress(self, item: ev.TrainProgress) -> None:
+    def note_progress(self, item: ev.TrainProgress) -> int | None:
+        """Record one redraw of kohya's bar; returns the step its loss belongs to (None: no loss drawn).
+
+        kohya moves the bar to step N (tqdm's update) before it sets N's avr_loss (set_postfix), so when the
+        bar moves the first draw of N still carries the loss of the step drawn before; the next draw has
+        N's own. A move to a later step that keeps the loss is that carry-over (should N's loss really equal
+        it, the value shown is right either way). printed_loss keeps the last value drawn with each step,
+        which is the step's own once the step is settled.
+        """
+        before, self._last_draw = self._last_draw, (item.step, item.loss)
         if item.step >= 1:
             if item.epoch is not None:
                 self.printed_epoch.setdefault(item.step, item.epoch)
             if item.loss is not None:
                 self.printed_loss[item.step] = item.loss
+        if item.loss is None:
+            return None
+        if before is not None and before[0] < item.step and before[1] == item.loss:
+            return before[0]
+        return item.step
 
     def values_at(self, step: int | None, logs: StepFacts | None) -> TrainingValues:
         """The trainer's loss, epoch and learning rate at `step` (see the module docstring for the sources)."""

@@ -52,8 +52,8 @@ class TrainRun:
         if isinstance(item, ev.TrainProgress):
             self.redraws[item.step] = self.redraws.get(item.step, 0) + 1
             self.current_step = max(self.current_step, item.step)
-            self.state.note_progress(item)
-            view.progress(item.step, item.total, item.loss, item.rate)
+            loss_step = self.state.note_progress(item)
+            view.progress(item.step, item.total, item.loss, item.rate, loss_step)
         elif isinstance(item, ev.EpochStarted):
             view.set_epoch(item.epoch, item.total)
         elif isinstance(item, ev.CheckpointSaving):

@@ -1,6 +1,8 @@
 """The live view: a rich table on a terminal, one plain line per event when piped to a file.
 
-The view only displays; it decides nothing. Metric changes are shown against the previous evaluated row.
+The view only displays; it decides nothing. Each metric's change is against the preceding *step*: the ok row
+with the largest step below the row's own. Evaluation runs newest checkpoint first while training goes on
+(older ones are backfilled later), so rows arrive out of step order; the table lists them by step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lora_monitor.columns import METRICS
 
 SHOWN = tuple(m.name for m in METRICS)
 SHORT = {m.name: m.short for m in METRICS}
+EVAL_SECONDS_HEADER = "eval s"  # seconds the checkpoint's evaluation took (generate + score)
 
 
 def _num(value: Any) -> float | None:
@@ -35,9 +38,11 @@ class LiveView:
         self.live_mode = self.stream.isatty() if live is None else live
         self.console = Console(file=self.stream, highlight=False, soft_wrap=not self.live_mode)
         self.rows: deque[dict[str, Any]] = deque(maxlen=max_rows)
+        self.ok_rows: dict[int, dict[str, Any]] = {}  # step -> its ok row: what changes are measured against
         self.step = 0
         self.total: int | None = None
         self.loss: float | None = None
+        self.loss_step: int | None = None  # the step `loss` belongs to
         self.rate: float | None = None
         self.epoch: str = ""
         self.queue: list[str] = []
@@ -47,6 +52,9 @@ class LiveView:
         self.messages: deque[str] = deque(maxlen=5)
         self._live: Live | None = None
         self._last_plain_step = -1
+        self._held_step: int | None = None  # a plain progress line waiting for its step's own loss
+        self._step_loss: dict[int, float] = {}  # recent steps' own losses, for the plain lines
+        self.status: str | None = None  # what the run is waiting for (shown live; plain: when it changes)
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> LiveView:
@@ -66,14 +74,40 @@ class LiveView:
             self._live.update(self._render())
 
     # --- inputs ----------------------------------------------------------------------------------------
-    def progress(self, step: int, total: int | None, loss: float | None, rate: float | None) -> None:
-        self.step, self.total, self.loss, self.rate = step, total, loss, rate
-        # Plain mode: a line every 10 % of the run (or every step for short runs), not every redraw.
+    def progress(self, step: int, total: int | None, loss: float | None, rate: float | None,
+                 loss_step: int | None = None) -> None:
+        """One redraw of the trainer's bar. `loss_step`: the step `loss` belongs to when not `step` (kohya
+        first draws a new step with the previous step's loss)."""
+        loss_step = step if loss_step is None else loss_step
+        self.step, self.total, self.rate = step, total, rate
+        if loss is not None:
+            self.loss, self.loss_step = loss, loss_step
+            self._step_loss[loss_step] = loss
+            for old in [s for s in self._step_loss if s < loss_step - 1]:
+                del self._step_loss[old]
+        if not self.live_mode:
+            self._plain_progress(step, total)
+
+    def _plain_progress(self, step: int, total: int | None) -> None:
+        """A line every 10 % of the run (every step for short runs), not every redraw, each with its own
+        step's loss: a due step's line waits for that loss, or until a later step shows it will not come."""
+        held = self._held_step
+        if held is not None and (held < step or held in self._step_loss):
+            self._plain_step(held, total)
         every = max(1, (total or 10) // 10)
-        if not self.live_mode and step != self._last_plain_step and (step % every == 0 or step == total):
-            self._last_plain_step = step
-            loss_text = f" loss {loss:.4g}" if loss is not None else ""
-            self._plain(f"step {step}/{total or '?'}{loss_text}")
+        due = step >= 1 and (step % every == 0 or step == total)
+        if due and step > self._last_plain_step and step != self._held_step:
+            if step in self._step_loss:
+                self._plain_step(step, total)
+            else:
+                self._held_step = step
+
+    def _plain_step(self, step: int, total: int | None) -> None:
+        self._held_step = None
+        self._last_plain_step = step
+        loss = self._step_loss.get(step)
+        loss_text = f" loss {loss:.4g}" if loss is not None else ""
+        self._plain(f"step {step}/{total or '?'}{loss_text}")
 
     def set_epoch(self, epoch: int, total: int) -> None:
         self.epoch = f"{epoch}/{total}"
@@ -82,11 +116,31 @@ class LiveView:
     def set_queue(self, pending: list[str], busy: str | None) -> None:
         self.queue, self.busy = pending, busy
 
+    def set_status(self, text: str | None) -> None:
+        """A line saying what the run waits for, replaced as it changes (live: redrawn; plain: printed when
+        `text` differs from the last one)."""
+        if text and text != self.status:
+            self._plain(text)
+        self.status = text
+
+    def _step_of(self, row: dict[str, Any]) -> int | None:
+        try:
+            return int(row["step"]) if row.get("step") not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
+    def previous(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The ok row of the largest step below `row`'s (None: no step, or none evaluated below it)."""
+        step = self._step_of(row)
+        below = [s for s in self.ok_rows if step is not None and s < step]
+        return self.ok_rows[max(below)] if below else None
+
     def add_row(self, row: dict[str, Any]) -> None:
-        previous = next((r for r in reversed(self.rows) if r.get("status") in ("ok", "duplicate")), None)
-        shown = dict(row)
-        shown["_prev"] = previous
-        self.rows.append(shown)
+        step = self._step_of(row)
+        if row.get("status") == "ok" and step is not None:
+            self.ok_rows[step] = row
+        self.rows.append(dict(row))
+        previous = self.previous(row)
         if row.get("status") in ("failed", "skipped"):
             status = row["status"].upper()
             self._plain(f"checkpoint {row['checkpoint']} (step {row.get('step')}): {status} - {row.get('note')}")
@@ -97,7 +151,8 @@ class LiveView:
                 if value is not None:
                     parts.append(f"{SHORT[key]} {value:.4f}{self._delta(key, value, previous)}")
             note = f" ({row['note']})" if row.get("note") else ""
-            self._plain(f"checkpoint {row['checkpoint']} step {row.get('step')}: {', '.join(parts)}{note}")
+            versus = f"; changes vs step {previous['step']}" if previous else ""
+            self._plain(f"checkpoint {row['checkpoint']} step {row.get('step')}: {', '.join(parts)}{note}{versus}")
 
     def set_best(self, text: str | None) -> None:
         if text and text != self.best:
@@ -132,23 +187,32 @@ class LiveView:
         if self.rate and total:
             eta = f"  ETA {int((total - self.step) / self.rate)}s"
         rate = f"  {self.rate:.2f} it/s" if self.rate else ""
-        loss = f"  loss {self.loss:.4g}" if self.loss is not None else ""
+        loss = ""
+        if self.loss is not None:
+            of = f" (step {self.loss_step})" if self.loss_step != self.step else ""
+            loss = f"  loss {self.loss:.4g}{of}"
         epoch = f"  epoch {self.epoch}" if self.epoch else ""
         return Text(f"train {bar} {self.step}/{total or '?'}{rate}{eta}{loss}{epoch}")
 
     def _table(self) -> Table:
-        table = Table(title="evaluated checkpoints", expand=False)
-        for name in ("step", "checkpoint", *[SHORT[k] for k in SHOWN], "s"):
+        table = Table(title="evaluated checkpoints, by step (change: vs the preceding evaluated step)", expand=False)
+        for name in ("step", "checkpoint", *[SHORT[k] for k in SHOWN], EVAL_SECONDS_HEADER):
             table.add_column(name, justify="right" if name != "checkpoint" else "left")
-        for row in self.rows:
+        order = sorted(range(len(self.rows)), key=lambda i: (self._step_of(self.rows[i]) is None,
+                                                              self._step_of(self.rows[i]) or 0, i))
+        for row in (self.rows[i] for i in order):
             if row.get("status") in ("failed", "skipped"):
                 table.add_row(str(row.get("step") or ""), row["checkpoint"], Text(str(row.get("note")), "red"))
                 continue
+            previous = self.previous(row)
             cells = []
             for key in SHOWN:
                 value = _num(row.get(key))
-                cells.append("" if value is None else f"{value:.4f}{self._delta(key, value, row.get('_prev'))}")
-            table.add_row(str(row.get("step") or ""), row["checkpoint"], *cells, str(row.get("eval_seconds") or ""))
+                cells.append("" if value is None else f"{value:.4f}{self._delta(key, value, previous)}")
+            name = Text(row["checkpoint"])
+            if row.get("status") == "duplicate":  # kohya saved these weights twice: not generated again
+                name.append(f" (duplicate: {str(row.get('note') or '').split(';')[0]})", "dim")
+            table.add_row(str(row.get("step") or ""), name, *cells, str(row.get("eval_seconds") or ""))
         return table
 
     def _render(self) -> Group:
@@ -156,6 +220,8 @@ class LiveView:
         queue = ", ".join(self.queue) if self.queue else "empty"
         busy = f"evaluating {self.busy}; " if self.busy else ""
         parts.append(Text(f"eval queue: {busy}{queue}"))
+        if self.status:
+            parts.append(Text(self.status, "yellow"))
         if self.best:
             parts.append(Text(f"best: {self.best}", "green"))
         if self.patience:
