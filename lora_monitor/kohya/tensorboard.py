@@ -6,6 +6,14 @@ launch. Tags (train_network.py `generate_step_logs`): `loss/current`, `loss/aver
 `lr/textencoder`, `lr/unet` or `lr/group<i>` (kohya also always writes `lr/group<i>` for i >= 1), and with
 D-Adaptation/Prodigy `lr/d*lr/...`.
 
+Held-out validation (`--validation_split`, or a validation subset in `dataset_config`): kohya validates every
+`--validate_every_n_steps` steps and logs `loss/validation/step_average` (and `.../step_divergence`, that
+minus `loss/average`) at the global step; and, unless `--validate_every_n_epochs` says otherwise, after every
+epoch `loss/validation/epoch_average` (and `.../epoch_divergence`) whose TensorBoard step is the 1-based
+EPOCH number, written after the epoch's last training step. That epoch value is placed at the last training
+step logged before it (file order). Both averages are over 4 fixed timesteps (200, 400, 600, 800 of 1000)
+per validation image, with the RNG reseeded (`--validation_seed`, else `--seed`) for every pass.
+
 `LogFollower` follows the run being trained (each poll reads only what was appended); `run_for_session`
 finds, for LoRA files already on disk, the run that wrote them (never another run's logs).
 """
@@ -23,6 +31,9 @@ log = logging.getLogger(__name__)
 
 LR_TAGS = ("lr/unet", "lr/group0", "lr/group1")
 LOSS_TAG = "loss/average"  # the avr_loss kohya draws on its bar, at full precision
+TRAIN_TAGS = ("loss/current", LOSS_TAG)  # logged at global steps: they tell where an epoch ended
+VAL_STEP_TAG = "loss/validation/step_average"  # at the global step
+VAL_EPOCH_TAG = "loss/validation/epoch_average"  # at the 1-based epoch number
 EVENT_GLOB = "events.out.tfevents.*"
 OWN_RUN_PREFIX = "lora-monitor"  # lora-monitor's own run (tracking/tensorboard_writer), never the trainer's
 RUN_STAMP_RE = re.compile(r"(\d{14})$")  # kohya's run folder ends in time.strftime("%Y%m%d%H%M%S")
@@ -35,11 +46,19 @@ Scalars = dict[str, dict[int, float]]
 
 @dataclass
 class StepFacts:
-    """What kohya's logs say per step: loss and learning rate."""
+    """What kohya's logs say per step: loss, learning rate and held-out validation loss."""
 
     loss: dict[int, float] = field(default_factory=dict)
     lr: dict[int, float] = field(default_factory=dict)
     last_step: int | None = None  # the newest step kohya has logged
+    # global step -> validation loss computed there: the step validations when the run has any, else the
+    # epoch validations at their epoch's last step (the two are different averages, never mixed in one curve)
+    val_loss: dict[int, float] = field(default_factory=dict)
+
+    def val_loss_at(self, step: int) -> float | None:
+        """The validation loss in force at `step`: the last one at or before it; None before any/without."""
+        earlier = [s for s in self.val_loss if s <= step]
+        return self.val_loss[max(earlier)] if earlier else None
 
     def lr_at(self, step: int) -> float | None:
         """The learning rate at `step`: the value logged at it, else the latest one before it."""
@@ -49,9 +68,31 @@ class StepFacts:
         return self.lr[max(earlier)] if earlier else None
 
 
-def facts_of(scalars: Scalars) -> StepFacts:
-    """Loss and learning rate (`lr/unet`, else `lr/group0`, else `lr/group1`) from a tag -> {step: value}."""
+class _ScalarLog:
+    """tag -> {step: value}, read in file order (a step logged twice: the later write wins), and each epoch
+    validation placed at the last training step logged before it."""
+
+    def __init__(self) -> None:
+        self.scalars: Scalars = {}
+        self.epoch_val_at_step: dict[int, float] = {}
+        self._last_train_step: int | None = None
+
+    def add(self, tag: str, step: int, value: float) -> None:
+        self.scalars.setdefault(tag, {})[step] = value
+        if tag in TRAIN_TAGS:
+            self._last_train_step = max(step, self._last_train_step or 0)
+        elif tag == VAL_EPOCH_TAG and self._last_train_step is not None:
+            self.epoch_val_at_step[self._last_train_step] = value
+
+    def facts(self) -> StepFacts:
+        return facts_of(self.scalars, self.epoch_val_at_step)
+
+
+def facts_of(scalars: Scalars, epoch_val_at_step: dict[int, float] | None = None) -> StepFacts:
+    """Loss, learning rate (`lr/unet`, else `lr/group0`, else `lr/group1`) and validation loss from a
+    tag -> {step: value}; `epoch_val_at_step` is the epoch validations by global step (see `_ScalarLog`)."""
     facts = StepFacts(loss=dict(scalars.get(LOSS_TAG, {})))
+    facts.val_loss = dict(scalars.get(VAL_STEP_TAG) or epoch_val_at_step or {})
     for tag in LR_TAGS:
         if scalars.get(tag):
             facts.lr = dict(scalars[tag])
@@ -99,12 +140,12 @@ def _run_of(logging_dir: Path, path: Path) -> Path:
 
 def read_run(run: Path) -> StepFacts:
     """Everything one run folder logged (a step logged twice: the later write wins)."""
-    scalars: Scalars = {}
+    scalars = _ScalarLog()
     for path in _event_files(run):
         _, triples = _events(path)
         for tag, step, value in triples:
-            scalars.setdefault(tag, {})[step] = value
-    return facts_of(scalars)
+            scalars.add(tag, step, value)
+    return scalars.facts()
 
 
 class LogFollower:
@@ -119,7 +160,7 @@ class LogFollower:
         self.since = since
         self.run: Path | None = None
         self.facts = StepFacts()
-        self._scalars: Scalars = {}
+        self._scalars = _ScalarLog()
         self._loaders: dict[Path, object] = {}
 
     def poll(self) -> bool:
@@ -134,12 +175,12 @@ class LogFollower:
             try:
                 self._loaders[path], triples = _events(path, self._loaders.get(path))
                 for tag, step, value in triples:
-                    self._scalars.setdefault(tag, {})[step] = value
+                    self._scalars.add(tag, step, value)
                     new = True
             except OSError as exc:  # a file rotated away mid-read: the next poll reads on
                 log.debug("TensorBoard file %s: %s", path, exc)
         if new:
-            self.facts = facts_of(self._scalars)
+            self.facts = self._scalars.facts()
         return new
 
 

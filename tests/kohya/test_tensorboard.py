@@ -138,3 +138,83 @@ def test_run_stamp() -> None:
     assert run_stamp(Path("x/prefix20261130133019")) is not None
     assert run_stamp(Path("x/lora-monitor")) is None
     assert StepFacts().lr_at(1) is None
+
+
+# ------------------------------------------------------------------------------- held-out validation loss
+# kohya's own run-validation (--validation_split 0.25 --validate_every_n_steps 2, 6 steps, 1 epoch): read once
+# from its event file. step_average at steps 2, 4, 6; epoch_average 1.0834448 at TensorBoard step 1 (= epoch 1).
+KOHYA_STEP_VALIDATION = {2: 1.0934512615203857, 4: 1.0911898612976074, 6: 1.0886081457138062}
+
+
+def write_in_order(folder: Path, events: list[tuple[str, int, float]]) -> None:
+    """Write (tag, step, value) events in this order, as kohya's loop does."""
+    writer = SummaryWriter(str(folder))
+    for tag, step, value in events:
+        writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_validation_loss_of_kohyas_real_run() -> None:
+    facts = read_run(FIXTURES / "run-validation" / "logs" / "20261130133019")
+    assert facts.val_loss == pytest.approx(KOHYA_STEP_VALIDATION, rel=1e-7)
+    for step, expected in [(1, None), (2, 1.0934512615203857), (3, 1.0934512615203857), (5, 1.0911898612976074),
+                           (6, 1.0886081457138062), (100, 1.0886081457138062)]:
+        assert facts.val_loss_at(step) == pytest.approx(expected)
+
+
+def test_a_run_without_validation_has_no_validation_loss(tmp_path: Path) -> None:
+    run = tmp_path / "20261126211501"
+    write_run(run / "network_train", fixture_scalars())
+    facts = read_run(run)
+    assert facts.val_loss == {} and facts.val_loss_at(6) is None
+
+
+def _epoch_only_run(steps_per_epoch: int, epochs: int) -> list[tuple[str, int, float]]:
+    """kohya with --validation_split and no --validate_every_n_steps: a validation after every epoch."""
+    events, step = [], 0
+    for epoch in range(1, epochs + 1):
+        for _ in range(steps_per_epoch):
+            step += 1
+            events += [("loss/current", step, 1.0), ("loss/average", step, 1.0)]
+        events += [("loss/validation/epoch_average", epoch, 0.5 + epoch / 10),
+                   ("loss/validation/epoch_divergence", epoch, -0.1), ("loss/epoch_average", epoch, 1.0)]
+    return events
+
+
+def test_epoch_validation_is_placed_at_its_epochs_last_step(tmp_path: Path) -> None:
+    run = tmp_path / "20261126211501"
+    write_in_order(run / "network_train", _epoch_only_run(steps_per_epoch=3, epochs=3))
+    facts = read_run(run)
+    assert facts.val_loss == pytest.approx({3: 0.6, 6: 0.7, 9: 0.8})  # epoch numbers 1..3 are not steps
+    assert facts.val_loss_at(2) is None and facts.val_loss_at(5) == pytest.approx(0.6)
+
+
+def test_step_validation_wins_over_epoch_validation(tmp_path: Path) -> None:
+    events = _epoch_only_run(steps_per_epoch=4, epochs=2)
+    events.insert(4, ("loss/validation/step_average", 2, 0.9))  # after step 2's training scalars
+    run = tmp_path / "20261126211501"
+    write_in_order(run / "network_train", events)
+    assert read_run(run).val_loss == pytest.approx({2: 0.9})  # one kind of average per curve
+
+
+def test_follower_places_an_epoch_validation_read_in_a_later_poll(tmp_path: Path) -> None:
+    follower = LogFollower(tmp_path, since=time.time() - 1.0)
+    writer = SummaryWriter(str(tmp_path / "20260102000000" / "network_train"))
+    for step in (1, 2):
+        writer.add_scalar("loss/average", 1.0, step)
+    writer.flush()
+    assert follower.poll() and follower.facts.val_loss == {}
+    writer.add_scalar("loss/validation/epoch_average", 0.75, 1)
+    writer.add_scalar("loss/average", 1.0, 3)
+    writer.flush()
+    assert follower.poll()
+    assert follower.facts.val_loss == {2: 0.75} and follower.facts.val_loss_at(3) == 0.75
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("val_loss", "step", "expected"),
+    [({}, 5, None), ({4: 0.5}, 3, None), ({4: 0.5}, 4, 0.5), ({4: 0.5, 8: 0.4}, 7, 0.5), ({4: 0.5, 8: 0.4}, 9, 0.4)],
+)
+def test_val_loss_at(val_loss: dict[int, float], step: int, expected: float | None) -> None:
+    assert StepFacts(val_loss=val_loss).val_loss_at(step) == expected
