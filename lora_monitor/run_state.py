@@ -21,6 +21,7 @@ from typing import Any
 
 from lora_monitor import events as ev
 from lora_monitor.columns import METRIC_NAMES
+from lora_monitor.errors import UserError
 from lora_monitor.kohya.tensorboard import StepFacts
 from lora_monitor.policies.decisions import Decisions
 from lora_monitor.run_spec import RunSpec
@@ -56,6 +57,7 @@ class RunState:
         self.printed_epoch: dict[int, int] = {}  # step -> the epoch in force when kohya first drew it
         self._last_draw: tuple[int, float | None] | None = None  # (step, loss) of kohya's last redraw
         self.fatal: str | None = None
+        self.unwritten: list[str] = []  # checkpoints whose row could not be written
         self.stop_reason: str | None = None
         self.stop_step: int | None = None
         self.tensorboard = _tensorboard_of(spec)
@@ -112,7 +114,15 @@ class RunState:
 
     def write_result(self, result: ev.EvalResult, values: TrainingValues) -> None:
         epoch_hint = epoch_from_metadata(result.checkpoint) if result.checkpoint.exists() else None
-        row = self.tracker.append(build_row(result, values, epoch_hint))
+        try:
+            row = self.tracker.append(build_row(result, values, epoch_hint))
+        except UserError as exc:
+            # A full disk or a CSV made read-only mid-run: the row is lost, not the run. The tracker left
+            # no half row, so `eval-dir` evaluates this checkpoint again later.
+            self.unwritten.append(result.checkpoint.name)
+            self.view.message(f"{result.checkpoint.name}: row not written - {exc}; "
+                              "`lora-monitor eval-dir` adds it later")
+            return
         self.view.add_row(row)
         self._to_tensorboard(row, result.checkpoint)
         if not self.primary:

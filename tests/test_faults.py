@@ -185,3 +185,61 @@ def test_early_stop_stops_kohya_and_exits_0(tmp_path: Path, demo_assets) -> None
     record = json.loads((out / "early_stop.json").read_text())
     assert record["monitor"] == "color_loss" and record["mode"] == "max" and len(record["history"]) >= 2
     assert record["reason"].startswith("early stop at step")
+
+
+# --------------------------------------------- faults injected into the real loop (tests/fault_hook)
+FAULT_HOOK = Path(__file__).resolve().parent / "fault_hook"
+
+
+def _cli_with_fault(fault: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`lora-monitor` as a real process with `fault` raised where it really comes from (fault_hook's doc)."""
+    import sys
+
+    path = os.pathsep.join(p for p in (str(FAULT_HOOK), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+           "LORA_MONITOR_TEST_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "lora_monitor.cli", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=400, stdin=subprocess.DEVNULL)
+
+
+def _saved(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("*.safetensors") if not p.stem.endswith("-best"))
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "note"),
+    [
+        ("oom-over:1", "ok", ""),  # batches of 2 do not fit: halved to 1 for the rest of the run
+        ("oom-over:0", "failed", "out of memory even with batch size 1 (no offload on cpu)"),
+    ],
+)
+def test_out_of_memory_in_the_real_loop(tmp_path: Path, demo_assets, fault: str, status: str, note: str) -> None:
+    config = write_config(tmp_path, demo_assets, kohya={"max_train_steps": 20}, eval_={"batch_size": 2})
+    result = _cli_with_fault(fault, "train", "--config", str(config), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]  # training is unaffected: kohya's own exit code
+    out = tmp_path / "output"
+    rows = _rows(out / "loss_tracker.csv")
+    assert sorted(rows["checkpoint"]) == _saved(out) and len(rows) >= 2
+    assert set(rows["status"]) <= {status, "duplicate"} and status in set(rows["status"])
+    if note:
+        failed = rows[rows["status"] == "failed"]
+        assert all(note in n for n in failed["note"]), failed["note"].tolist()
+    else:
+        assert "retrying with batch size 1" in output
+
+
+def test_disk_full_on_a_row_in_the_real_loop(tmp_path: Path, demo_assets) -> None:
+    config = write_config(tmp_path, demo_assets, kohya={"max_train_steps": 30})
+    result = _cli_with_fault("enospc-row:2", "train", "--config", str(config), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]  # the row is lost, not the run
+    out = tmp_path / "output"
+    csv_path = out / "loss_tracker.csv"
+    assert csv_path.read_text().endswith("\n")  # no half row
+    missing = sorted(set(_saved(out)) - set(_rows(csv_path)["checkpoint"]))
+    assert len(missing) == 1
+    assert re.search(rf"{re.escape(missing[0])}: row not written - .*No space left on device", output), output
+    filled = cli("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+    assert filled.returncode == 0, filled.stdout[-2000:] + filled.stderr[-2000:]
+    assert sorted(_rows(csv_path)["checkpoint"]) == _saved(out)  # eval-dir adds exactly the lost row
