@@ -156,6 +156,7 @@ class SignalCatcher:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.count = 0  # signals received: after kohya has ended, one more skips the queued evaluations
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> SignalCatcher:
@@ -166,6 +167,7 @@ class SignalCatcher:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
+        self.count += 1
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():

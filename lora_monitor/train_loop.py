@@ -18,6 +18,7 @@ from lora_monitor.checkpoints.watcher import CheckpointWatcher, list_checkpoints
 from lora_monitor.config import Config
 from lora_monitor.evaluation.inputs import check_inputs
 from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
+from lora_monitor.finish_evals import finish_evaluations
 from lora_monitor.kohya.process import KohyaProcess, build_argv, preflight
 from lora_monitor.kohya.tensorboard import LogFollower
 from lora_monitor.lock import OutputLock
@@ -186,20 +187,5 @@ def _follow(run: TrainRun) -> int:
 
 
 def _finish_evaluations(run: TrainRun) -> None:
-    """After kohya: evaluate what is queued (and backfill), unless the user presses Ctrl-C again."""
-    assert run.worker is not None
-    caught = run.caught
-    first_signal = caught.signum
-    caught.signum = None
-    run.pump(0.05)  # the watcher's last hand-overs, before the worker closes
-    dropped = run.worker.close(timeout=0, backfill=run.spec.config.eval.backfill)
-    if dropped:
-        run.view.message(f"not evaluated (backfill off): {', '.join(r.path.name for r in dropped)}")
-    while run.worker.alive():
-        run.pump(0.25)
-        if caught.signum is not None:
-            run.view.message("second signal: leaving the remaining evaluations to `lora-monitor eval-dir`")
-            break
-    run.pump(0.05)
-    if first_signal is not None:
-        caught.signum = first_signal
+    """After kohya: evaluate what is queued (and backfill), saying what and how long; Ctrl-C again skips it."""
+    finish_evaluations(run)

@@ -55,6 +55,7 @@ class LiveView:
         self._held_step: int | None = None  # a plain progress line waiting for its step's own loss
         self._step_loss: dict[int, float] = {}  # recent steps' own losses, for the plain lines
         self.status: str | None = None  # what the run is waiting for (shown live; plain: when it changes)
+        self.status_detail = ""
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> LiveView:
@@ -116,12 +117,12 @@ class LiveView:
     def set_queue(self, pending: list[str], busy: str | None) -> None:
         self.queue, self.busy = pending, busy
 
-    def set_status(self, text: str | None) -> None:
-        """A line saying what the run waits for, replaced as it changes (live: redrawn; plain: printed when
-        `text` differs from the last one)."""
+    def set_status(self, text: str | None, detail: str = "") -> None:
+        """A line saying what the run waits for, replaced as it changes. `detail` (a countdown) changes at
+        every refresh: the live line shows it; a plain line is printed only when `text` changes."""
         if text and text != self.status:
-            self._plain(text)
-        self.status = text
+            self._plain(f"{text} ({detail})" if detail else text)
+        self.status, self.status_detail = text, detail
 
     def _step_of(self, row: dict[str, Any]) -> int | None:
         try:
@@ -221,7 +222,8 @@ class LiveView:
         busy = f"evaluating {self.busy}; " if self.busy else ""
         parts.append(Text(f"eval queue: {busy}{queue}"))
         if self.status:
-            parts.append(Text(self.status, "yellow"))
+            parts.append(Text(f"{self.status} ({self.status_detail})" if self.status_detail else self.status,
+                              "yellow"))
         if self.best:
             parts.append(Text(f"best: {self.best}", "green"))
         if self.patience:
