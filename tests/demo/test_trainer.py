@@ -226,6 +226,27 @@ def test_epoch_batches_cover_every_repeat_once(
     assert flat == sorted(list(range(n_images)) * repeats)
 
 
+@pytest.mark.parametrize(
+    ("n_images", "split", "n_train", "n_val", "overlap"),
+    # kohya's arithmetic: train = first ceil(n·(1−split)), validation = last round(n·split) of the shuffle
+    [(4, 0.25, 3, 1, 0), (8, 0.2, 7, 2, 1), (10, 0.3, 7, 3, 0), (3, 0.5, 2, 2, 1), (5, 0.05, 5, 0, 0)],
+)
+def test_split_train_val_follows_kohya(n_images: int, split: float, n_train: int, n_val: int, overlap: int) -> None:
+    subset = tn.Subset(Path("x"), 2, "dress", tuple(Path(f"{i}.png") for i in range(n_images)),
+                       tuple(f"c{i}" for i in range(n_images)))
+    train, val = tn.split_train_val(subset, split, seed=7)
+    assert (len(train.images), len(val.images)) == (n_train, n_val)
+    assert len(set(train.images) & set(val.images)) == overlap
+    assert set(train.images) | set(val.images) == set(subset.images)
+    assert all(f"c{p.stem}" == c for p, c in zip(val.images, val.captions, strict=True))  # captions follow
+    assert (train.repeats, val.repeats) == (2, 2)
+    assert tn.split_train_val(subset, split, seed=7) == (train, val)  # the seed decides
+
+
+def test_validation_timesteps_are_kohyas() -> None:
+    assert tn.validation_timesteps(1000) == [200, 400, 600, 800]
+
+
 # -- trainer: command line ----------------------------------------------------------------------------------
 
 
@@ -265,6 +286,8 @@ BASE_FLAGS = [
         (["--network_module", "networks.lycoris"], "--network_module must be networks.lora"),
         (["--resolution", "30,30"], "multiples of 16"),
         (["--save_every_n_steps", "0"], "--save_every_n_steps must be >= 1"),
+        (["--validation_split", "1.0"], "--validation_split must be in [0, 1)"),
+        (["--validate_every_n_steps", "0"], "--validate_every_n_steps must be >= 1"),
     ],
 )
 def test_unsupported_flags_are_argparse_errors(tmp_path: Path, extra: list[str], message: str) -> None:
@@ -502,3 +525,62 @@ def test_saved_lora_reloads_with_every_key_and_reproduces_the_merge(trained: dic
     with torch.no_grad():
         after = pipe.unet(x, t, cond).sample
     assert torch.equal(after, before)
+
+
+# -- trainer: held-out validation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def validated(base_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """4 images, --validation_split 0.25: 3 train (3 steps an epoch at batch 1), 1 validates; 4 steps."""
+    work = tmp_path_factory.mktemp("val")
+    args = [
+        "--pretrained_model_name_or_path", str(base_model), "--train_data_dir", str(data_dir),
+        "--caption_extension", ".txt", "--resolution", f"{SIZE},{SIZE}", "--network_module", "networks.lora",
+        "--output_dir", str(work / "out"), "--output_name", "v", "--max_train_steps", "4",
+        "--learning_rate", "1e-3", "--seed", "42", "--logging_dir", str(work / "logs"),
+        "--validation_split", "0.25", "--validate_every_n_steps", "2", "--validation_seed", "3",
+    ]
+    result = run_trainer(args, work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"out": work / "out", "logs": work / "logs", "stdout": result.stdout, "stderr": result.stderr}
+
+
+def test_validation_run_logs_kohyas_scalars(validated: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_monitor.kohya.tensorboard import read_run
+
+    (run,) = Path(validated["logs"]).iterdir()
+    acc = EventAccumulator(str(run / "network_train"))
+    acc.Reload()
+    steps = {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert steps["loss/current"] == [1, 2, 3, 4]
+    assert steps["loss/validation/step_average"] == steps["loss/validation/step_divergence"] == [2, 4]
+    assert steps["loss/validation/epoch_average"] == steps["loss/validation/epoch_divergence"] == [1, 2]  # epochs
+    value = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in steps}
+    average = value["loss/average"]
+    for step in (2, 4):
+        divergence = value["loss/validation/step_average"][step] - average[step]
+        assert value["loss/validation/step_divergence"][step] == pytest.approx(divergence, abs=1e-6)
+    # Fixed timesteps and reseeded noise: at step 4 (the last, in epoch 2, where kohya's recorders hold the
+    # latest pass only) the step and epoch validations see the same weights, so they agree exactly.
+    assert value["loss/validation/step_average"][4] == value["loss/validation/epoch_average"][2]
+    assert value["loss/validation/step_average"][2] != value["loss/validation/step_average"][4]  # it trained
+    facts = read_run(run)
+    assert set(facts.val_loss) == {2, 4} and facts.val_loss_at(3) == pytest.approx(value[
+        "loss/validation/step_average"][2])
+
+
+def test_validation_run_reports_the_split(validated: dict) -> None:
+    from safetensors import safe_open
+
+    assert "  num train images * repeats / 学習画像の数×繰り返し回数: 3" in validated["stdout"]
+    assert "  num validation images * repeats / 学習画像の数×繰り返し回数: 1" in validated["stdout"]
+    assert "  num batches per epoch / 1epochのバッチ数: 3" in validated["stdout"]
+    assert "validation steps: 100%" in validated["stderr"] and "val_avg_loss=" in validated["stderr"]
+    with safe_open(str(Path(validated["out"]) / "v.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_train_images"], meta["ss_num_validation_images"]) == ("3", "1")
+    assert (meta["ss_validation_split"], meta["ss_validation_seed"], meta["ss_validate_every_n_steps"]) == (
+        "0.25", "3", "2")

@@ -12,6 +12,8 @@ Differences from kohya, all because the demo base model is tiny and random:
   kohya's networks.lora wraps attention/MLP and 1x1 convs unless `conv_dim` is set. Text encoder: none.
 - the training target follows the base model's scheduler `prediction_type` (the demo base uses
   x0-prediction, "sample"), and latents are scaled by the VAE's own `scaling_factor`.
+- held-out validation (`--validation_split`): the split is drawn with `--validation_seed`, else `--seed`
+  (kohya shuffles with the process's global random state when no validation seed is given).
 No signal handlers are installed: SIGINT raises KeyboardInterrupt, SIGTERM kills, neither saves.
 """
 
@@ -33,6 +35,7 @@ from typing import Any
 logger = logging.getLogger("train_network")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+NUM_VALIDATION_TIMESTEPS = 4  # kohya: validation at fixed timesteps 200, 400, 600, 800 of 1000
 TOKENIZER_ID = "openai/clip-vit-large-patch14"  # kohya's SD1 tokenizer; its cache folder is named after it
 SUPPORTED_NETWORK_MODULE = "networks.lora"
 
@@ -78,6 +81,11 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--network_alpha", type=float, default=1)
     p.add_argument("--network_args", type=str, default=None, nargs="*")
     p.add_argument("--network_train_unet_only", action="store_true")
+    p.add_argument("--validation_seed", type=int, default=None)
+    p.add_argument("--validation_split", type=float, default=0.0)
+    p.add_argument("--validate_every_n_steps", type=int, default=None)
+    p.add_argument("--validate_every_n_epochs", type=int, default=None)
+    p.add_argument("--max_validation_steps", type=int, default=None)
     return p
 
 
@@ -109,10 +117,15 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         "network_dim",
         "save_last_n_steps",
         "save_last_n_epochs",
+        "validate_every_n_steps",
+        "validate_every_n_epochs",
+        "max_validation_steps",
     ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
+    if not 0.0 <= args.validation_split < 1.0:
+        parser.error(f"--validation_split must be in [0, 1), got {args.validation_split}")
     if args.resolution is None:
         parser.error("--resolution is required (e.g. 64,64)")
     try:
@@ -200,6 +213,27 @@ def load_subsets(train_data_dir: Path, caption_extension: str) -> list[Subset]:
     if n == 0:
         raise SystemExit(f"No data found. Please verify arguments (train_data_dir: {train_data_dir})")
     return subsets
+
+
+def split_train_val(subset: Subset, split: float, seed: int) -> tuple[Subset, Subset]:
+    """kohya's train_util.split_train_val on one subset: shuffle, the first ceil(n·(1−split)) images train,
+    the last round(n·split) validate (kohya's own arithmetic, overlap at odd sizes included)."""
+    pairs = list(zip(subset.images, subset.captions, strict=True))
+    random.Random(seed).shuffle(pairs)
+    n = len(pairs)
+    train, val = pairs[: math.ceil(n * (1 - split))], pairs[n - round(n * split) :]
+
+    def part(items: list[tuple[Path, str]]) -> Subset:
+        return Subset(subset.dir, subset.repeats, subset.class_tokens, tuple(i for i, _ in items),
+                      tuple(c for _, c in items))
+
+    return part(train), part(val)
+
+
+def validation_timesteps(num_train_timesteps: int) -> list[int]:
+    """kohya's fixed validation timesteps: NUM_VALIDATION_TIMESTEPS evenly inside (0, T), ends excluded."""
+    n = NUM_VALIDATION_TIMESTEPS
+    return [int(num_train_timesteps * (i + 1) / (n + 1)) for i in range(n)]
 
 
 class LossRecorder:
@@ -298,7 +332,7 @@ def kohya_state_dict(unet: Any, alpha: float) -> dict[str, Any]:
 
 
 def build_metadata(
-    args: argparse.Namespace, subsets: list[Subset], n_batches: int, n_epochs: int
+    args: argparse.Namespace, subsets: list[Subset], val_subsets: list[Subset], n_batches: int, n_epochs: int
 ) -> dict[str, str]:
     """kohya's `ss_*` training metadata (the fields this trainer can fill truthfully), as strings."""
     tag_frequency: dict[str, dict[str, int]] = {}
@@ -315,7 +349,7 @@ def build_metadata(
         "ss_text_encoder_lr": None,
         "ss_unet_lr": args.unet_lr,
         "ss_num_train_images": n_images,
-        "ss_num_validation_images": 0,
+        "ss_num_validation_images": sum(len(s.images) * s.repeats for s in val_subsets),
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": n_batches,
         "ss_num_epochs": n_epochs,
@@ -333,6 +367,11 @@ def build_metadata(
         "ss_base_model_version": "sd_v1",
         "ss_cache_latents": bool(args.cache_latents),
         "ss_seed": args.seed,
+        "ss_validation_seed": args.validation_seed,
+        "ss_validation_split": args.validation_split,
+        "ss_max_validation_steps": args.max_validation_steps,
+        "ss_validate_every_n_epochs": args.validate_every_n_epochs,
+        "ss_validate_every_n_steps": args.validate_every_n_steps,
         "ss_training_comment": args.training_comment,
         "ss_optimizer": "torch.optim.adamw.AdamW",
         "ss_max_grad_norm": args.max_grad_norm,
@@ -469,12 +508,16 @@ def add_lora(args: argparse.Namespace, unet: Any) -> list[Any]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def training_loss(unet: Any, scheduler: Any, latents: Any, cond: Any) -> Any:
-    """MSE of the U-Net's prediction at uniformly drawn timesteps, against the scheduler's target kind."""
+def training_loss(unet: Any, scheduler: Any, latents: Any, cond: Any, timestep: int | None = None) -> Any:
+    """MSE of the U-Net's prediction at uniformly drawn timesteps (or all at `timestep`), against the
+    scheduler's target kind."""
     import torch
 
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    if timestep is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    else:
+        timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
     pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, cond).sample
     kind = scheduler.config.prediction_type
     if kind == "sample":
@@ -484,6 +527,53 @@ def training_loss(unet: Any, scheduler: Any, latents: Any, cond: Any) -> Any:
     else:
         target = noise
     return torch.nn.functional.mse_loss(pred, target)
+
+
+class Validator:
+    """kohya's validation pass: every validation batch at each fixed timestep, without gradients, with the
+    torch and Python RNGs reseeded (`--validation_seed`, else `--seed`) for the pass and restored after it, so
+    every pass draws the same noise and training's randomness is untouched."""
+
+    def __init__(self, args: argparse.Namespace, model: tuple[Any, Any, Any, Any], batches: list[list[int]]):
+        self.unet, self.scheduler, self.latents, self.states = model
+        self.batches = batches[: args.max_validation_steps] if args.max_validation_steps else batches
+        self.seed = args.validation_seed if args.validation_seed is not None else args.seed
+        self.timesteps = validation_timesteps(self.scheduler.config.num_train_timesteps)
+        self.step_recorder, self.epoch_recorder = LossRecorder(), LossRecorder()
+
+    def run(self, recorder: LossRecorder, epoch: int, desc: str, postfix: str) -> float:
+        import torch
+        from tqdm import tqdm
+
+        cpu_state, py_state = torch.get_rng_state(), random.getstate()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        bar = tqdm(range(len(self.batches) * len(self.timesteps)), smoothing=0, desc=desc, mininterval=0)
+        self.unet.eval()
+        k = 0
+        with torch.no_grad():
+            for idx in self.batches:
+                for t in self.timesteps:
+                    loss = training_loss(self.unet, self.scheduler, self.latents[idx], self.states[idx], t)
+                    recorder.add(epoch=epoch, step=k, loss=loss.item())  # kohya's recorder, quirks included
+                    k += 1
+                    bar.update(1)
+                    bar.set_postfix({postfix: recorder.moving_average, "timestep": t})
+        bar.close()
+        self.unet.train()
+        torch.set_rng_state(cpu_state)
+        random.setstate(py_state)
+        return recorder.moving_average
+
+
+def validation_batches(train: list[Subset], val: list[Subset], batch_size: int) -> list[list[int]]:
+    """Indices of the validation images (cached after the training ones), repeats expanded, in order."""
+    order: list[int] = []
+    offset = sum(len(s.images) for s in train)
+    for s in val:
+        order += [offset + i for i in range(len(s.images))] * s.repeats
+        offset += len(s.images)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def log_step(writer: Any, step: int, current: float, average: float, lr: float) -> None:
@@ -502,8 +592,8 @@ def log_step(writer: Any, step: int, current: float, average: float, lr: float) 
 def train(args: argparse.Namespace) -> None:
     import torch
 
-    # the monitor evaluates beside this process on few cores: one thread keeps both near full speed
-    torch.set_num_threads(1)
+    # Threads as kohya's: torch's default (OMP_NUM_THREADS when set). lora-monitor sets that variable when it
+    # evaluates on the same CPU (lora_monitor/cpu_share.py).
     from tqdm import tqdm
 
     if args.seed is None:
@@ -512,7 +602,16 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     print("accelerator device: cpu")
     subsets = load_subsets(Path(args.train_data_dir), args.caption_extension)
-    unet, scheduler, latents, states = load_models(args, subsets)
+    val_subsets: list[Subset] = []
+    if args.validation_split > 0:
+        seed = args.validation_seed if args.validation_seed is not None else args.seed
+        split = [split_train_val(s, args.validation_split, seed) for s in subsets]
+        subsets, val_subsets = [t for t, _ in split], [v for _, v in split if v.images]
+        n_val = sum(len(s.images) * s.repeats for s in val_subsets)
+        logger.info(f"{n_val} validation images with repeats.")
+    unet, scheduler, latents, states = load_models(args, subsets + val_subsets)
+    validator = Validator(args, (unet, scheduler, latents, states),
+                          validation_batches(subsets, val_subsets, args.train_batch_size))
     params = add_lora(args, unet)
     print("prepare optimizer, data loader etc.")
     logger.info("use AdamW optimizer | {}")
@@ -526,8 +625,8 @@ def train(args: argparse.Namespace) -> None:
             f"{args.max_train_steps}"
         )
     n_epochs = math.ceil(args.max_train_steps / n_batches)
-    print_header(subsets, n_batches, n_epochs, args)
-    ckpt = Checkpointer(args, unet, build_metadata(args, subsets, n_batches, n_epochs))
+    print_header(subsets, val_subsets, n_batches, n_epochs, args)
+    ckpt = Checkpointer(args, unet, build_metadata(args, subsets, val_subsets, n_batches, n_epochs))
     writer = make_summary_writer(args)
     logger.info(f"unet dtype: {unet.dtype}, device: {unet.device}")
     # kohya's bar; mininterval=0 because these steps can be faster than tqdm's 0.1 s redraw limit and
@@ -558,8 +657,16 @@ def train(args: argparse.Namespace) -> None:
             loss_recorder.add(epoch=epoch, step=step, loss=current_loss)
             progress_bar.set_postfix(avr_loss=loss_recorder.moving_average)
             log_step(writer, global_step, current_loss, loss_recorder.moving_average, lr)
+            every_val = args.validate_every_n_steps
+            if validator.batches and every_val is not None and global_step % every_val == 0:
+                val = validator.run(validator.step_recorder, epoch, "validation steps", "val_avg_loss")
+                log_validation(writer, "step", global_step, val, val - loss_recorder.moving_average)
             if global_step >= args.max_train_steps:
                 break
+        every_val_epochs = args.validate_every_n_epochs
+        if validator.batches and (every_val_epochs is None or (epoch + 1) % every_val_epochs == 0):
+            val = validator.run(validator.epoch_recorder, epoch, "epoch validation steps", "val_epoch_avg_loss")
+            log_validation(writer, "epoch", epoch + 1, val, val - loss_recorder.moving_average)
         if writer is not None:
             writer.add_scalar("loss/epoch_average", loss_recorder.moving_average, epoch + 1)
             writer.flush()
@@ -575,11 +682,22 @@ def train(args: argparse.Namespace) -> None:
     progress_bar.close()
 
 
-def print_header(subsets: list[Subset], n_batches: int, n_epochs: int, args: argparse.Namespace) -> None:
+def log_validation(writer: Any, kind: str, step: int, average: float, divergence: float) -> None:
+    """kohya's validation scalars: `step` is the global step for kind "step", the 1-based epoch for "epoch"."""
+    if writer is None:
+        return
+    writer.add_scalar(f"loss/validation/{kind}_average", average, step)
+    writer.add_scalar(f"loss/validation/{kind}_divergence", divergence, step)
+    writer.flush()
+
+
+def print_header(subsets: list[Subset], val_subsets: list[Subset], n_batches: int, n_epochs: int,
+                 args: argparse.Namespace) -> None:
     n_images = sum(len(s.images) * s.repeats for s in subsets)
+    n_val = sum(len(s.images) * s.repeats for s in val_subsets)
     print("running training / 学習開始")
     print(f"  num train images * repeats / 学習画像の数×繰り返し回数: {n_images}")
-    print("  num validation images * repeats / 学習画像の数×繰り返し回数: 0")
+    print(f"  num validation images * repeats / 学習画像の数×繰り返し回数: {n_val}")
     print("  num reg images / 正則化画像の数: 0")
     print(f"  num batches per epoch / 1epochのバッチ数: {n_batches}")
     print(f"  num epochs / epoch数: {n_epochs}")
