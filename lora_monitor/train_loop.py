@@ -9,6 +9,8 @@ inside a step and only then logs that step's scalars (loss, learning rate) to Te
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import time
 
@@ -16,10 +18,11 @@ from lora_monitor import events as ev
 from lora_monitor.checkpoints.files import ready_of
 from lora_monitor.checkpoints.watcher import CheckpointWatcher, list_checkpoints
 from lora_monitor.config import Config
+from lora_monitor.cpu_share import CpuShare, kohya_env, plan, usable_cores
 from lora_monitor.evaluation.inputs import check_inputs
 from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
 from lora_monitor.finish_evals import finish_evaluations
-from lora_monitor.kohya.process import KohyaProcess, build_argv, preflight
+from lora_monitor.kohya.process import CONSOLE_LOG_NAME, KohyaProcess, build_argv, preflight
 from lora_monitor.kohya.tensorboard import LogFollower
 from lora_monitor.lock import OutputLock
 from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint
@@ -28,12 +31,14 @@ from lora_monitor.run_state import RunState, SignalCatcher
 from lora_monitor.tracking.live import LiveView
 
 SETTLE_WAIT_S = 60.0  # longest a finished evaluation waits for kohya's values of its step
+# kohya's own packages missing from the interpreter that runs it (lora-monitor's, unless [kohya] python is set)
+MISSING_MODULE_RE = re.compile(r"\bModuleNotFoundError: No module named '(?P<name>[^']+)'")
 
 
 class TrainRun:
     """One launch of kohya and what follows it: the process, the watcher, the worker and the rows."""
 
-    def __init__(self, spec: RunSpec, view: LiveView, caught: SignalCatcher) -> None:
+    def __init__(self, spec: RunSpec, view: LiveView, caught: SignalCatcher, share: CpuShare | None = None) -> None:
         assert spec.kohya is not None
         self.spec = spec
         self.state = RunState(spec, view)
@@ -43,7 +48,10 @@ class TrainRun:
         self.redraws: dict[int, int] = {}  # how often kohya drew each step (the loss is final on the 2nd)
         self.current_step = 0
         self.logs: LogFollower | None = None
-        self.proc = KohyaProcess(build_argv(spec.kohya), cwd=spec.kohya.sd_scripts, on_event=self.state.events.put)
+        self.share = share or CpuShare()
+        self.shown_warnings: set[str] = set()  # kohya repeats some warnings at every save: shown once
+        self.proc = KohyaProcess(build_argv(spec.kohya), cwd=spec.kohya.sd_scripts, on_event=self.state.events.put,
+                                 env=kohya_env(self.share), log_path=spec.output_dir / CONSOLE_LOG_NAME)
         self.worker: EvalWorker | None = None
 
     # -- events ------------------------------------------------------------------------------------------
@@ -61,14 +69,24 @@ class TrainRun:
             view.message(f"kohya is saving {item.path.name}")
         elif isinstance(item, ev.CheckpointRemoved):
             view.message(f"kohya removed {item.path.name}")
-        elif isinstance(item, ev.TrainerLog) and item.level == "error":
-            view.message(f"kohya: {item.text}")
+        elif isinstance(item, ev.TrainerLog):
+            self.trainer_log(item)
         elif isinstance(item, ev.FileComplete):
             ready = ready_of(item.path, self.spec.output_name)
             if self.worker is not None and self.schedule.should_eval(ready.step, ready.is_final):
                 self.worker.submit(ready)
         else:
             self.state.handle_common(item, time.monotonic())
+
+    def trainer_log(self, item: ev.TrainerLog) -> None:
+        """kohya's errors, and each distinct warning once (all of it, repeats included, is in kohya.log)."""
+        if item.stream == "monitor":  # about kohya.log itself
+            self.view.message(f"warning: {item.text}")
+        elif item.level == "error":
+            self.view.message(f"kohya: {item.text}")
+        elif item.level == "warning" and item.text not in self.shown_warnings:
+            self.shown_warnings.add(item.text)
+            self.view.message(f"kohya: warning: {item.text}")
 
     def pump(self, timeout: float) -> list[object]:
         """Handle what arrived (waiting up to `timeout`), read kohya's new log values, write settled rows."""
@@ -120,12 +138,16 @@ def run_train(config: Config, view: LiveView) -> int:
     for warning in preflight(spec.kohya):
         view.message(f"warning: {warning}")
     inputs = check_inputs(spec) if config.eval.enabled else None
+    share = cpu_share(config, spec)
+    if share.describe():
+        view.message(share.describe())
     with OutputLock(spec.output_dir), SignalCatcher() as caught:
-        run = TrainRun(spec, view, caught)
+        run = TrainRun(spec, view, caught, share)
         state = run.state
         watcher = None
         if config.eval.enabled and inputs is not None:
-            run.worker = EvalWorker(lambda: build_models(spec, inputs), state.events.put,
+            run.worker = EvalWorker(lambda: build_models(spec, inputs), state.events.put, threads=share.eval_threads,
+                                    nice=share.eval_nice,
                                     newest_first=config.eval.newest_first)
             before = {p.name for p in list_checkpoints(spec.output_dir)}  # an earlier run's files: eval-dir's job
             watcher = CheckpointWatcher(
@@ -156,6 +178,33 @@ def run_train(config: Config, view: LiveView) -> int:
     return code
 
 
+def cpu_share(config: Config, spec: RunSpec) -> CpuShare:
+    """How kohya and the evaluator share the CPU (see lora_monitor/cpu_share.py); nothing without evaluation."""
+    if not config.eval.enabled or spec.kohya is None:
+        return CpuShare()
+    from lora_monitor.evaluation.evaluator import resolve_device
+
+    on_cpu = resolve_device(config.eval.device).type == "cpu"
+    return plan(spec.kohya, on_cpu, os.environ, usable_cores())
+
+
+def exit_report(code: int, last_lines: tuple[str, ...], python: str | None) -> list[str]:
+    """What to show when kohya failed: its code, its last lines, and a hint for a known cause.
+
+    `python`: [kohya] python (None: kohya ran on lora-monitor's interpreter, which lacks kohya's packages).
+    """
+    out = [f"kohya exited with code {code}; its last lines:", *(f"  | {line}" for line in last_lines[-20:])]
+    missing = next((m for m in map(MISSING_MODULE_RE.search, reversed(last_lines)) if m), None)
+    if missing and python is None:
+        out.append(f"hint: kohya ran on lora-monitor's Python, which has no '{missing.group('name')}' (one of "
+                   "kohya's packages); set [kohya] python to kohya's own venv, e.g. "
+                   "python = \"/path/to/sd-scripts/venv/bin/python\"")
+    elif missing:
+        out.append(f"hint: [kohya] python = {python} has no '{missing.group('name')}'; install kohya's "
+                   "requirements there (pip install -r requirements.txt in sd-scripts) or point it at kohya's venv")
+    return out
+
+
 def _follow(run: TrainRun) -> int:
     """Until kohya exits: route events, write rows, stop kohya on a signal or an early stop."""
     assert run.spec.kohya is not None
@@ -167,9 +216,8 @@ def _follow(run: TrainRun) -> int:
             assert isinstance(item, ev.TrainerExited)
             exit_code = item.returncode
             if item.returncode not in (0, None) and not stopping:
-                view.message(f"kohya exited with code {item.returncode}; its last lines:")
-                for line in item.last_lines[-20:]:
-                    view.message(f"  | {line}")
+                for line in exit_report(item.returncode, item.last_lines, run.spec.kohya.python):
+                    view.message(line)
         wants_stop = run.caught.signum is not None or state.stop_reason is not None
         if wants_stop and not stopping and exit_code is None:
             stopping = True

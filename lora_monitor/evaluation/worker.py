@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_monitor.checkpoints.files import read_header, tensor_fingerprint
+from lora_monitor.cpu_share import lower_this_thread
 from lora_monitor.errors import EvalError, UserError
 from lora_monitor.evaluation.inputs import Inputs
 from lora_monitor.evaluation.prompts import Prompt
@@ -54,17 +55,12 @@ def quiet_libraries() -> None:
 
 
 def build_models(spec: RunSpec, inputs: Inputs) -> Models:
-    import torch
-
     quiet_libraries()
     config = spec.config
     from lora_monitor.evaluation.evaluator import Evaluator, load_pipeline, resolve_device
     from lora_monitor.evaluation.metrics import Scorer
 
     device = resolve_device(config.eval.device)
-    if device.type == "cpu" and config.eval.device == "auto":
-        # Beside a CPU trainer, half the cores each keeps both near their idle speed.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     scorer = Scorer(
         config.metrics.fashion_clip_model,
         config.metrics.visual_model,
@@ -146,7 +142,11 @@ class EvalWorker:
         load: Callable[[], Models],
         on_result: Callable[[object], None],
         newest_first: bool = True,
+        threads: int | None = None,
+        nice: int = 0,
     ) -> None:
+        """`threads`: torch's thread count for evaluating (None: torch's default); `nice`: how much lower the
+        worker thread runs than the rest of the monitor (see lora_monitor/cpu_share.py)."""
         self.queue = EvalQueue(newest_first=newest_first)
         self._load = load
         self._on_result = on_result
@@ -157,6 +157,8 @@ class EvalWorker:
         self.load_error: str | None = None
         self.busy_with: Path | None = None
         self.fingerprints: dict[str, tuple[str, dict]] = {}
+        self._threads = threads
+        self._nice = nice
 
     def start(self) -> None:
         self._thread.start()
@@ -185,7 +187,17 @@ class EvalWorker:
     def _next(self) -> CheckpointReady | None:
         return self.queue.pop()
 
+    def _setup_thread(self) -> None:
+        """In the worker thread, before torch starts its OpenMP threads from it (they inherit the priority)."""
+        lower_this_thread(self._nice)
+        if self._threads is not None:
+            import torch
+
+            # process-wide, but kohya is another process and nothing else in the monitor computes with torch
+            torch.set_num_threads(self._threads)
+
     def _run(self) -> None:
+        self._setup_thread()
         try:
             self.models = self._load()
             for w in self.models.warnings:

@@ -17,19 +17,21 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from lora_monitor.errors import UserError
-from lora_monitor.events import TrainerExited
+from lora_monitor.events import TrainerExited, TrainerLog
 from lora_monitor.kohya.output_parser import KohyaOutputParser
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ DEFAULT_COLUMNS = "160"  # rich wraps log records at the console width, 80 on a 
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 ARG_KEY_RE = re.compile(r"[A-Za-z_][\w-]*")
+CONSOLE_LOG_NAME = "kohya.log"  # in kohya's output_dir: everything kohya printed, as it came
 
 
 def kohya_cwd(kohya: KohyaConfig) -> Path:
@@ -305,21 +308,86 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+class ConsoleLog:
+    """kohya's output kept as it came (bytes, tqdm's carriage returns included) in one file, appended per launch.
+
+    The reader threads write each chunk as soon as they read it, unbuffered, so what kohya printed is on disk
+    even when the monitor is killed (-9). stdout and stderr chunks interleave in the order they were read, as
+    a terminal would show them. A failed write stops the log (once) and never stops training.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+        self.error: str | None = None
+
+    @classmethod
+    def open(cls, path: Path, argv: list[str], cwd: Path) -> ConsoleLog:
+        """Open for appending and write the launch's header line; raises OSError and then leaves no file
+        behind that it created."""
+        existed = path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        header = f"==== {_now()} lora-monitor started kohya in {cwd}: {shlex.join(argv)}\n"
+        try:
+            os.write(fd, header.encode("utf-8", errors="replace"))
+        except OSError:
+            os.close(fd)
+            if not existed:
+                path.unlink(missing_ok=True)
+            raise
+        return cls(path, fd)
+
+    def write(self, data: bytes) -> str | None:
+        """Append `data`; returns the reason the first time writing fails (the log is closed then)."""
+        with self._lock:  # one writer at a time, and none after close()
+            if self._fd is None or not data:
+                return None
+            try:
+                while data:
+                    data = data[os.write(self._fd, data):]
+                return None
+            except OSError as exc:
+                self._close()
+                self.error = f"cannot write {self.path} ({exc.strerror or exc}); kohya's output is no longer kept"
+                return self.error
+
+    def close(self, footer: str | None = None) -> None:
+        if footer:
+            self.write(f"==== {_now()} {footer}\n".encode())
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
 class KohyaProcess:
     """kohya running in its own process group; its stdout and stderr parsed by one `KohyaOutputParser`.
 
     `on_event` receives every parsed event, then a final `TrainerExited`; it is called from reader threads
     (one at a time, in parse order) and must return quickly (e.g. `queue.put`): while it runs, kohya's
     output is not read. `env` holds extra environment variables over this process's environment.
+    With `log_path`, everything kohya prints is also appended to that file (see `ConsoleLog`); when it cannot
+    be opened or written, one warning `TrainerLog` with stream "monitor" says so and training goes on.
     Return codes are as a shell reports them: 130 after SIGINT's KeyboardInterrupt, 137 after SIGKILL.
     """
 
     def __init__(self, argv: Iterable[str], cwd: Path | str, on_event: Callable[[object], None],
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, log_path: Path | None = None) -> None:
         self.argv = list(argv)
         self.cwd = Path(cwd)
         self._on_event = on_event
-        self._env = dict(env or {})
+        self.env = dict(env or {})  # over this process's environment
         self._parser = KohyaOutputParser()
         self._lock = threading.Lock()  # serialises the parser and on_event
         self._proc: subprocess.Popen[bytes] | None = None
@@ -327,6 +395,8 @@ class KohyaProcess:
         self._exited = threading.Event()  # kohya itself was reaped
         self._done = threading.Event()  # ... and TrainerExited was delivered
         self._group_gone = False
+        self._log_path = log_path
+        self.console_log: ConsoleLog | None = None
 
     @property
     def parser(self) -> KohyaOutputParser:
@@ -345,14 +415,17 @@ class KohyaProcess:
     def start(self) -> None:
         if self._proc is not None:
             raise RuntimeError("KohyaProcess.start() called twice")
-        env = {**os.environ, **self._env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env.setdefault("COLUMNS", DEFAULT_COLUMNS)
+        self._open_log()
         try:
             self._proc = subprocess.Popen(
                 self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_restore_sigint,
             )
         except OSError as exc:
+            if self.console_log is not None:
+                self.console_log.close(f"kohya could not be started: {exc.strerror or exc}")
             raise UserError(f"cannot start kohya ({self.argv[0]}): {exc.strerror or exc}; check kohya.python "
                             "and kohya.sd_scripts") from None
         assert self._proc.stdout is not None and self._proc.stderr is not None
@@ -388,12 +461,27 @@ class KohyaProcess:
         assert code is not None
         return code
 
+    def _open_log(self) -> None:
+        if self._log_path is None:
+            return
+        try:
+            self.console_log = ConsoleLog.open(self._log_path, self.argv, self.cwd)
+        except OSError as exc:
+            self._warn(f"cannot keep kohya's output in {self._log_path} ({exc.strerror or exc}); training goes "
+                       "on without that log")
+
+    def _warn(self, text: str) -> None:
+        with self._lock:
+            self._emit(TrainerLog(text, "warning", "monitor"))
+
     # -- threads ----------------------------------------------------------------------------------------
 
     def _read(self, pipe: IO[bytes], stream: str) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             while chunk := pipe.read1(READ_SIZE):  # type: ignore[attr-defined]
+                if self.console_log is not None and (problem := self.console_log.write(chunk)):
+                    self._warn(problem)
                 self._deliver(decoder.decode(chunk), stream)
         except (OSError, ValueError):  # the pipe was closed under us (the group was killed)
             pass
@@ -428,6 +516,8 @@ class KohyaProcess:
             for event in self._parser.flush():
                 self._emit(event)
             code = exit_code(self._proc.returncode)
+            if self.console_log is not None:
+                self.console_log.close(f"kohya exited with code {code}")
             self._emit(TrainerExited(code, tuple(self._parser.last_lines)))
         self._done.set()
 

@@ -311,3 +311,44 @@ def test_last_lines_keep_only_twenty() -> None:
     parser = KohyaOutputParser()
     parser.feed("".join(f"line {i}\n" for i in range(30)) + "\r" + BAR + "\n", "stdout")
     assert list(parser.last_lines) == [f"line {i}" for i in range(10, 30)]
+
+
+# kohya's log records as they reach the parser, and what becomes of them. The first three are lines of the
+# captured runs, byte for byte (tests/fixtures/kohya/); the caption warnings are what rich prints for kohya's
+# `logger.warning(...)` in train_util.py (its RichHandler, COLUMNS=160 as the launcher sets), including the
+# CJK half that rich wraps anywhere (printed by rich itself with kohya's handler settings, from a stand-in file
+# named train_util.py: hence the line numbers 9 and 10).
+CAPTION_WARNING = (
+    "No caption file found for 4 images. Training will continue without captions for these images. If class token "
+    "exists, it will be used. / 4枚の画像にキャプションファイルが見つかりませんでした。これらの画像については"
+    "キャプションなしで学習を続行します。class tokenが存在する場合はそれを使います。"
+)
+LOG_RECORDS = [
+    ("                    WARNING  no regularization images /       train_util.py:2167\n"
+     "                             正則化画像が見つかりませんでした                    \n",
+     [("warning", "no regularization images / 正則化画像が見つかりませんでした")]),
+    ("\rsteps:  33%|███▎      | 2/6 [00:56<01:52, 28.04s/it, avr_loss=1.06]2026-11-26 21:16:48 WARNING  Failed to "
+     "get git commit      sai_model_spec.py:288\n"
+     "                             hash, using fallback                               \n",
+     [("warning", "Failed to get git commit hash, using fallback")]),
+    ("2026-11-26 21:15:01 INFO     Using DreamBooth method.       train_network.py:530\n",
+     [("info", "Using DreamBooth method.")]),
+    ("2026-11-30 15:44:58 WARNING  No caption file found for 4 images. Training will continue without captions "
+     "for these images. If class token        train_util.py:9\n"
+     "                             exists, it will be used. /                                                      "
+     "                                                   \n"
+     "                             4枚の画像にキャプションファイルが見つかりませんでした。これらの画像についてはキャ"
+     "プションなしで学習を続行します。cl                \n"
+     "                             ass tokenが存在する場合はそれを使います。                                       "
+     "                                                   \n"
+     "                    WARNING  /home/me/kohya-ws/train/1_garment/garment_00.png                                "
+     "                                   train_util.py:10\n",
+     [("warning", CAPTION_WARNING), ("warning", "/home/me/kohya-ws/train/1_garment/garment_00.png")]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), LOG_RECORDS)
+def test_log_records_keep_their_level(text: str, expected: list[tuple[str, str]]) -> None:
+    parser = KohyaOutputParser()
+    events = parser.feed(text, "stderr") + parser.flush()
+    assert [(e.level, e.text) for e in events if isinstance(e, TrainerLog)] == expected

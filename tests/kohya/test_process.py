@@ -611,3 +611,86 @@ def test_preflight_unwritable_output_dir(tmp_path: Path) -> None:
             preflight(good_setup(tmp_path, output_dir=str(out)))
     finally:
         out.chmod(0o700)
+
+
+# -- kohya.log: the output as it came --------------------------------------------------------------------------
+
+CHATTY_SCRIPT = r'''
+import sys, time
+print("epoch 1/1")
+sys.stderr.write("\rsteps:   0%|          | 0/2 [00:00<?, ?it/s]")
+sys.stderr.write("\rsteps:  50%|#####     | 1/2 [00:01<00:01,  1.00s/it, avr_loss=0.5]")
+sys.stderr.flush()
+if "--hold" in sys.argv:
+    time.sleep(30)
+print("bytes \xe9\x00 end")
+'''
+
+
+def _log_run(tmp_path: Path, log_path: Path, recorder: Recorder, *extra: str) -> KohyaProcess:
+    argv = [*build_argv(KohyaConfig(sd_scripts=sd_scripts_with(tmp_path, CHATTY_SCRIPT))), *extra]
+    proc = KohyaProcess(argv, cwd=tmp_path / "sd-scripts", on_event=recorder, log_path=log_path)
+    proc.start()
+    return proc
+
+
+def test_kohya_log_keeps_the_raw_output_per_launch(tmp_path: Path) -> None:
+    log_path = tmp_path / "out" / "kohya.log"
+    log_path.parent.mkdir()
+    for _ in range(2):
+        assert _log_run(tmp_path, log_path, Recorder()).wait(timeout=60) == 0
+    data = log_path.read_bytes()
+    assert data.count(b"==== ") == 4  # header and exit line of each launch
+    header, *_ = data.split(b"\n")
+    assert b"lora-monitor started kohya in" in header and b"train_network.py" in header
+    assert data.count(b"kohya exited with code 0") == 2
+    # tqdm's redraws with their carriage returns, stdout's lines, bytes as written
+    assert data.count(b"\rsteps:   0%|          | 0/2 [00:00<?, ?it/s]\rsteps:  50%|") == 2
+    assert data.count(b"epoch 1/1\n") == 2 and data.count("bytes \xe9\x00 end\n".encode()) == 2
+
+
+def test_kohya_log_is_written_as_kohya_prints(tmp_path: Path) -> None:
+    log_path = tmp_path / "kohya.log"
+    proc = _log_run(tmp_path, log_path, Recorder(), "--hold")
+    try:
+        deadline = time.monotonic() + 30
+        while b"avr_loss=0.5" not in log_path.read_bytes():  # kohya still running: nothing was closed or flushed
+            assert time.monotonic() < deadline, log_path.read_bytes()
+            time.sleep(0.05)
+    finally:
+        proc.stop(grace_s=5)
+
+
+def test_kohya_log_that_cannot_be_opened_is_one_warning_and_kohya_runs(tmp_path: Path) -> None:
+    log_path = tmp_path / "kohya.log"
+    log_path.mkdir()  # root cannot write here either
+    recorder = Recorder()
+    assert _log_run(tmp_path, log_path, recorder).wait(timeout=60) == 0
+    warnings = [e for e in recorder.events if isinstance(e, TrainerLog) and e.stream == "monitor"]
+    assert len(warnings) == 1 and warnings[0].level == "warning" and str(log_path) in warnings[0].text
+    assert any(isinstance(e, TrainProgress) for e in recorder.events)
+    assert list(log_path.iterdir()) == []
+
+
+def test_kohya_log_whose_header_cannot_be_written_leaves_no_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kohya_process.os, "write", full)
+    log_path = tmp_path / "kohya.log"
+    with pytest.raises(OSError):
+        kohya_process.ConsoleLog.open(log_path, ["python", "x.py"], tmp_path)
+    assert not log_path.exists()
+
+
+def test_kohya_log_write_failure_is_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = kohya_process.ConsoleLog.open(tmp_path / "kohya.log", ["python", "x.py"], tmp_path)
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kohya_process.os, "write", full)
+    first = log.write(b"steps\n")
+    assert first is not None and "No space left on device" in first
+    assert log.write(b"more\n") is None
