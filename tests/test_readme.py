@@ -22,3 +22,17 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_command = lines[lines.index("# 2. set up and run the tests") + 1]
     assert test_command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "lora-monitor demo" in README.split("\n\n", 3)[2]  # the first lines give the demo command
+
+
+def test_every_eval_and_output_key_is_documented() -> None:
+    import dataclasses
+
+    from lora_monitor.config import EvalConfig, OutputConfig
+
+    table = README.split("Every `[eval]` key, and `[output]`:", 1)[1].split("\n\n", 2)[1]
+    documented = {line.split("|")[1].strip() for line in table.splitlines()[2:]}
+    keys = {k.strip(" `") for cell in documented for k in cell.split(",")}
+    for field in dataclasses.fields(EvalConfig):
+        assert field.name in keys, f"[eval] {field.name} is not in the README's key table"
+    for field in dataclasses.fields(OutputConfig):
+        assert f"[output] {field.name}" in keys, f"[output] {field.name} is not in the README's key table"
