@@ -64,6 +64,9 @@ class KohyaConfig:
 class EvalConfig:
     enabled: bool = True
     prompts: Path | None = None
+    # kohya prompt file of prompts the captions never had (clip_t_holdout); unset: built from the captions'
+    # trigger words and sample_prompts/holdout_contexts.list
+    holdout_prompts: Path | None = None
     references: Path | None = None
     base_model: str | None = None
     device: str = "auto"
@@ -244,7 +247,8 @@ def parse_config(text: str, source: Path) -> Config:
         if base_model and _looks_like_path(base_model, base):
             base_model = str(_resolve(Path(base_model), base))
         sections["eval"] = dataclasses.replace(
-            ev, prompts=_resolve(ev.prompts, base), references=_resolve(ev.references, base), base_model=base_model
+            ev, prompts=_resolve(ev.prompts, base), references=_resolve(ev.references, base), base_model=base_model,
+            holdout_prompts=_resolve(ev.holdout_prompts, base),
         )
     if "metrics" in sections:
         sections["metrics"] = _resolve_metrics(sections["metrics"], base, source)

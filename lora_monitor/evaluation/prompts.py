@@ -120,3 +120,77 @@ def prompts_from_captions(captions: list[str], limit: int = 4) -> list[Prompt]:
         if caption and caption not in seen:
             seen.append(caption)
     return [Prompt(text=c) for c in seen[:limit]]
+
+
+# ------------------------------------------------------------------------------------------ held-out prompts
+# Contexts the training captions never had (clip_t_holdout): shipped beside the sample prompt files.
+DEFAULT_HOLDOUT_CONTEXTS = Path(__file__).resolve().parents[2] / "sample_prompts" / "holdout_contexts.list"
+
+
+def _same_text(text: str) -> str:
+    """A prompt as compared with captions: case, runs of spaces and spacing around commas do not count."""
+    return re.sub(r"\s*,\s*", ", ", " ".join(text.casefold().split())).strip(" ,")
+
+
+def trigger_words(captions: list[str]) -> str:
+    """The words every caption shares: the comma-separated tags found in all captions (in the first caption's
+    order), else the words all captions start with (`sks dress on ...`); "" when they share nothing."""
+    texts = [c.strip() for c in captions if c.strip()]
+    if not texts:
+        return ""
+    tag_sets = [{_same_text(t) for t in c.split(",") if t.strip()} for c in texts]
+    common = [t.strip() for t in texts[0].split(",") if t.strip() and all(_same_text(t) in s for s in tag_sets)]
+    if common:
+        return ", ".join(common)
+    words = [c.split() for c in texts]
+    prefix = []
+    for column in zip(*words, strict=False):
+        if len({w.casefold().strip(",") for w in column}) != 1:
+            break
+        prefix.append(column[0].strip(","))
+    return " ".join(prefix)
+
+
+def load_contexts(path: Path = DEFAULT_HOLDOUT_CONTEXTS) -> list[str]:
+    """The held-out contexts: one a line; blank lines and `#` comments skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the held-out context list ({exc}); set [eval] holdout_prompts "
+                        "to a prompt file instead") from None
+    contexts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not contexts:
+        raise UserError(f"{path}: no contexts in the file; add one context a line")
+    return contexts
+
+
+def holdout_prompts_from_captions(captions: list[str], contexts: list[str]) -> list[Prompt]:
+    """`<trigger words>, <context>` for each context; none equals a caption. [] when the captions share no
+    trigger words (there is no subject to place in new contexts)."""
+    subject = trigger_words(captions)
+    if not subject:
+        return []
+    seen = {_same_text(c) for c in captions}
+    prompts = []
+    for context in contexts:
+        text = f"{subject}, {context}"
+        if _same_text(text) not in seen:
+            seen.add(_same_text(text))
+            prompts.append(Prompt(text=text))
+    return prompts
+
+
+def load_holdout_prompts(path: Path | None, captions: list[str],
+                         contexts: Path = DEFAULT_HOLDOUT_CONTEXTS) -> list[Prompt]:
+    """The held-out prompts: the `[eval] holdout_prompts` file when set (kohya prompt-file syntax), else built
+    from the captions' trigger words and the `contexts` list. A prompt that repeats a training caption is not
+    held out: in a file it is a UserError naming it."""
+    if path is None:
+        return holdout_prompts_from_captions(captions, load_contexts(contexts))
+    prompts = load_prompts(path)
+    seen = {_same_text(c) for c in captions if c.strip()}
+    for prompt in prompts:
+        if _same_text(prompt.text) in seen:
+            raise UserError(f"{path}: holdout prompt {prompt.text!r} is a training caption; held-out prompts "
+                            "must describe contexts the captions never had — change or remove it")
+    return prompts
