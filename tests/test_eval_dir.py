@@ -1,8 +1,10 @@
-"""eval-dir split across processes (as under `accelerate launch --num_processes 2`): one CSV, no duplicates."""
+"""eval-dir: alone (a worker thread) and across processes started by torchrun / `accelerate launch`."""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,48 +12,58 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lora_monitor.eval_dir import Slot, process_slot
+from lora_monitor.eval_dir import launched_processes
+from lora_monitor.lock import OutputLock
 from tests.conftest import write_config
 from tests.test_faults import _short_training
 
 
 @pytest.mark.parametrize(
     ("env", "expected"),
-    [
-        ({}, Slot(0, 1)),
-        ({"RANK": "1", "WORLD_SIZE": "2"}, Slot(1, 2)),
-        ({"RANK": "0", "WORLD_SIZE": "4"}, Slot(0, 4)),
-        ({"RANK": "4", "WORLD_SIZE": "4"}, Slot(0, 1)),  # inconsistent: run alone rather than skip files
-        ({"RANK": "x", "WORLD_SIZE": "2"}, Slot(0, 1)),
-    ],
+    [({}, 1), ({"WORLD_SIZE": "1"}, 1), ({"WORLD_SIZE": "2", "RANK": "1"}, 2), ({"WORLD_SIZE": "x"}, 1),
+     ({"WORLD_SIZE": "0"}, 1)],
 )
-def test_process_slot(env: dict, expected: Slot) -> None:
-    assert process_slot(env) == expected
+def test_launched_processes(env: dict, expected: int) -> None:
+    assert launched_processes(env) == expected
 
 
-@pytest.mark.parametrize(("slot", "mine"), [(Slot(0, 1), [0, 1, 2, 3]), (Slot(0, 2), [0, 2]), (Slot(1, 2), [1, 3])])
-def test_files_are_split_round_robin(slot: Slot, mine: list[int]) -> None:
-    assert [i for i in range(4) if slot.mine(i)] == mine
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node 2 -m lora_monitor.cli ...` on the CPU (gloo), as a user would start it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "-m", "lora_monitor.cli", *args]
+    return subprocess.run(argv, cwd=cwd, env=env, text=True, capture_output=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
 
 
-def test_two_processes_share_one_csv_without_duplicates(tmp_path: Path, demo_assets) -> None:
+def test_two_processes_split_the_work_and_only_the_main_one_writes(tmp_path: Path, demo_assets) -> None:
     out = _short_training(tmp_path / "output", demo_assets, steps=30)
     config = write_config(tmp_path, demo_assets)
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "lora_monitor.cli", "eval-dir", str(out), "--config",
-                                       str(config)], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "process 1 of 2" in outputs[1] and "2 to evaluate here" in outputs[1]
+    result = _torchrun("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "2 processes (gloo)" in output and "process 1 of 2" in output
+    counts = [int(n) for n in re.search(r"evaluated per process: 0: (\d+), 1: (\d+)", output).groups()]
     rows = pd.read_csv(out / "loss_tracker.csv")
     files = sorted(p.name for p in out.glob("*.safetensors") if not p.stem.endswith("-best"))
-    assert sorted(rows["checkpoint"]) == files  # each file exactly once
+    assert sorted(rows["checkpoint"]) == files  # each file exactly once, in one CSV written by one process
+    assert counts[1] >= 1 and sum(counts) == len(files)  # the second process did its share
     assert set(rows["status"]) <= {"ok", "duplicate"}
     assert (out / "best.json").exists() and (out / "report.html").exists()
-    assert not list(out.glob(".lora-monitor.*"))  # lock and peer markers cleaned up
+    assert not list(out.glob(".lora-monitor.*"))  # the lock is released, no marker files
+
+
+def test_every_process_stops_when_the_main_one_cannot_start(tmp_path: Path, demo_assets) -> None:
+    out = _short_training(tmp_path / "output", demo_assets, steps=10)
+    config = write_config(tmp_path, demo_assets)
+    with OutputLock(out):  # another monitor holds the folder
+        result = _torchrun("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("lora-monitor: error:") == 1 and "already" in result.stderr, result.stderr[-3000:]
+    assert not (out / "loss_tracker.csv").exists()
 
 
 def test_watch_evaluates_new_files_until_ctrl_c(tmp_path: Path, demo_assets) -> None:
