@@ -38,8 +38,19 @@ LOSS_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS if m.weight is not No
 DEFAULT_WEIGHTS: dict[str, float] = {m.name: float(m.weight) for m in METRICS if m.weight is not None}
 HIGHER_IS_BETTER: dict[str, bool] = {m.name: m.mode == "max" for m in METRICS}
 METRIC_RANGES: dict[str, tuple[float, float]] = {m.name: (m.low, m.high) for m in METRICS}
+
+# Over-training signals, after the image metrics: does the LoRA still follow new prompts, still vary, or copy
+# its training images; and kohya's own held-out loss.
+SIGNALS: tuple[Metric, ...] = (
+    Metric("val_loss", "min", "val"),  # kohya's loss/validation at or before the row's step
+    Metric("clip_t_holdout", "max", "clip_t_ho", -1.0, 1.0),  # clip_t on prompts the captions never had
+    Metric("diversity", "max", "divers", 0.0, 2.0),  # 1 - mean cosine among one prompt's seeds (DINO)
+    Metric("copy_distance", "max", "copy_d", 0.0, 1.0),  # smallest tiled distance to a reference (lower: a copy)
+    Metric("copies", "min", "copies", 0.0, math.inf),  # images closer to a reference than copy_threshold
+)
+SIGNAL_NAMES: tuple[str, ...] = tuple(m.name for m in SIGNALS)
 # Every column a decision (early stopping, best checkpoint) may watch, with its direction.
-MONITORABLE: dict[str, str] = {"total_loss": "min", **{m.name: m.mode for m in METRICS}}
+MONITORABLE: dict[str, str] = {"total_loss": "min", **{m.name: m.mode for m in (*METRICS, *SIGNALS)}}
 
 # The CSV: the first nine columns are the contract other tools read; the rest follow.
 CONTRACT_COLUMNS = (
@@ -53,4 +64,9 @@ CONTRACT_COLUMNS = (
     "timestamp",
     "checkpoint",
 )
-COLUMNS = (*CONTRACT_COLUMNS, "clip_t", "eval_score", "status", "note", "eval_seconds")
+COLUMNS = (*CONTRACT_COLUMNS, "clip_t", "eval_score", "status", "note", "eval_seconds", *SIGNAL_NAMES, "best_strength")
+# Columns of an older lora-monitor CSV, which is upgraded in place (new cells empty) when a run continues it.
+PREVIOUS_COLUMNS = (*CONTRACT_COLUMNS, "clip_t", "eval_score", "status", "note", "eval_seconds")
+# Row statuses: "baseline" is the base model without a LoRA (step 0), evaluated once per run.
+BASELINE = "baseline"
+
