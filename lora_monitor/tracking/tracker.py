@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lora_monitor.columns import COLUMNS
+from lora_monitor.columns import COLUMNS, PREVIOUS_COLUMNS
 from lora_monitor.errors import UserError
 
 
@@ -70,6 +70,10 @@ class Tracker:
             raise UserError(f"{self.path}: cannot read the existing CSV ({exc}); move it away") from None
         reader = csv.reader(io.StringIO(text))
         header = next(reader, [])
+        if tuple(header) == PREVIOUS_COLUMNS:
+            text = self._upgrade(text)
+            reader = csv.reader(io.StringIO(text))
+            header = next(reader, [])
         if tuple(header) != COLUMNS:
             raise UserError(
                 f"{self.path}: exists with a different header (not a lora-monitor CSV); "
@@ -84,6 +88,30 @@ class Tracker:
             reader = csv.reader(io.StringIO(keep))
             next(reader, None)
         self.rows = [dict(zip(COLUMNS, r, strict=False)) for r in reader if r]
+
+    def _upgrade(self, text: str) -> str:
+        """An older lora-monitor CSV: the same rows under today's header, the new cells empty. Written to a
+        temporary file and renamed over the old one, so a crash leaves one or the other, never a mix."""
+        rows = list(csv.reader(io.StringIO(text)))[1:]
+        if rows and not text.endswith("\n"):
+            rows = rows[:-1]  # a row cut short by a crash
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        pad = [""] * (len(COLUMNS) - len(PREVIOUS_COLUMNS))
+        writer.writerows(r + pad for r in rows if r)
+        tmp = self.path.with_name(f".{self.path.name}.upgrade.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                fh.write(buf.getvalue())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{self.path}: cannot add the new columns to this older CSV ({exc.strerror}); "
+                            "check the folder's permissions") from None
+        return buf.getvalue()
 
     def _append(self, text: str) -> None:
         data = text.encode("utf-8")

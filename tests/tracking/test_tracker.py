@@ -78,3 +78,21 @@ def test_disk_full_leaves_no_half_row(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_csv_path_is_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="is a folder"):
         Tracker(tmp_path)
+
+
+def test_an_older_csv_gets_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    from lora_monitor.columns import PREVIOUS_COLUMNS
+
+    path = tmp_path / "loss_tracker.csv"
+    old_row = ["10", "1", "0.1", "0.2", "0.3", "4.0", "0.0001", "2026-01-01T00:00:00+00:00", "a.safetensors",
+               "0.25", "0.9", "ok", "", "1.5"]
+    path.write_text(",".join(PREVIOUS_COLUMNS) + "\n" + ",".join(old_row) + "\n" + "20,1,0.1", encoding="utf-8")
+    tracker = Tracker(path)
+    assert [r["checkpoint"] for r in tracker.rows] == ["a.safetensors"]  # the torn last row dropped
+    assert tracker.rows[0]["eval_score"] == "0.9" and tracker.rows[0]["diversity"] == ""
+    tracker.append({"step": 20, "checkpoint": "b.safetensors", "status": "ok", "diversity": 0.5})
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == list(COLUMNS)
+    assert list(frame["checkpoint"]) == ["a.safetensors", "b.safetensors"]
+    assert frame["diversity"].isna().tolist() == [True, False]
+    assert not list(tmp_path.glob(".*.tmp"))
