@@ -18,6 +18,7 @@ from typing import Any
 
 from lora_monitor.columns import DEFAULT_WEIGHTS, LOSS_KEYS, MONITORABLE
 from lora_monitor.errors import UserError
+from lora_monitor.policies import overtraining
 
 # kohya arguments whose values are paths; relative ones are resolved against the config file.
 KOHYA_PATH_ARGS = frozenset(
@@ -83,6 +84,10 @@ class EvalConfig:
     dynamic_schedule: list[list[int]] | None = None
     newest_first: bool = True
     backfill: bool = True
+    # images per evaluation prompt, each with its own seed: 2 or more measure diversity (1: no diversity)
+    seeds_per_prompt: int = 2
+    # LoRA scales each checkpoint is also evaluated at (strengths.csv); the CSV row is always at 1.0
+    strengths: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,24 @@ class EarlyStoppingConfig:
     patience: int = 3
     min_delta: float = 0.0
     min_step: int = 0
+    # stop after `patience` evaluations in a row flagged as over-trained ([best] bounds), even when
+    # `enabled` (the monitor's rule) is off
+    overtraining: bool = False
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """How the best checkpoint is chosen, and the bounds past which a checkpoint counts as over-trained."""
+
+    rule: str = "not_overtrained"  # or "lowest_score": the lowest eval_score, flags ignored
+    max_copies: int = overtraining.MAX_COPIES
+    diversity_fraction: float = overtraining.DIVERSITY_FRACTION
+    holdout_margin: float = overtraining.HOLDOUT_MARGIN
+    val_loss_margin: float = overtraining.VAL_LOSS_MARGIN
+
+    def bounds(self) -> overtraining.Bounds:
+        return overtraining.Bounds(diversity_fraction=self.diversity_fraction, holdout_margin=self.holdout_margin,
+                                   val_loss_margin=self.val_loss_margin, max_copies=self.max_copies)
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    best: BestConfig = field(default_factory=BestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     source: Path | None = None
     text: str = ""
@@ -131,6 +155,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "metrics": MetricsConfig,
     "early_stopping": EarlyStoppingConfig,
+    "best": BestConfig,
     "output": OutputConfig,
 }
 
@@ -280,6 +305,14 @@ def validate(config: Config) -> None:
         value = getattr(ev, key)
         if value is not None and value <= 0:
             raise UserError(f"{where}: eval.{key} = {value}: must be a positive whole number")
+    if ev.seeds_per_prompt < 1:
+        raise UserError(f"{where}: eval.seeds_per_prompt = {ev.seeds_per_prompt}: must be 1 or more "
+                        "(1 turns the diversity column off)")
+    for s in ev.strengths:
+        if not math.isfinite(s) or not 0 < s <= 4:
+            raise UserError(f"{where}: eval.strengths has {s}: each LoRA scale must be in (0, 4]")
+    if not ev.strengths:
+        raise UserError(f"{where}: eval.strengths = []: list at least one LoRA scale (e.g. [1.0])")
     if ev.guidance_scale < 0:
         raise UserError(f"{where}: eval.guidance_scale = {ev.guidance_scale}: must be >= 0")
     if ev.scheduler != "default" and ev.scheduler not in SCHEDULERS:
@@ -315,6 +348,7 @@ def validate(config: Config) -> None:
         raise UserError(f"{where}: early_stopping.mode = {es.mode!r}: use 'min' or 'max'")
     if es.patience < 0 or es.min_step < 0 or es.min_delta < 0:
         raise UserError(f"{where}: early_stopping patience, min_step and min_delta must be >= 0")
+    _validate_best(config.best, where)
     if config.kohya:
         k = config.kohya
         if k.launcher not in ("python", "accelerate"):
@@ -325,6 +359,22 @@ def validate(config: Config) -> None:
             value = k.args.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
                 raise UserError(f"{where}: kohya.args.{key} = {value}: must be a positive whole number")
+
+
+def _validate_best(best: BestConfig, where: Path) -> None:
+    if best.rule not in ("not_overtrained", "lowest_score"):
+        raise UserError(f"{where}: best.rule = {best.rule!r}: unknown; "
+                        f"{_closest(best.rule, ['not_overtrained', 'lowest_score'])} "
+                        "(valid: not_overtrained, lowest_score)")
+    if best.max_copies < 0:
+        raise UserError(f"{where}: best.max_copies = {best.max_copies}: must be >= 0 (0: any copy flags)")
+    if not 0 <= best.diversity_fraction <= 1:
+        raise UserError(f"{where}: best.diversity_fraction = {best.diversity_fraction}: must be in [0, 1] "
+                        "(a fraction of the base model's diversity; 0 turns the check off)")
+    for key in ("holdout_margin", "val_loss_margin"):
+        value = getattr(best, key)
+        if math.isnan(value) or value < 0:
+            raise UserError(f"{where}: best.{key} = {value}: must be a number >= 0 (inf turns the check off)")
 
 
 def load_config(path: Path) -> Config:

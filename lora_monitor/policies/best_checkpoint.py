@@ -11,11 +11,13 @@ import math
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lora_monitor.policies.early_stopping import METRIC_MODES
+from lora_monitor.policies.overtraining import DEFAULT_BOUNDS, Bounds, flag_names, flag_rows
 
 BEST_JSON = "best.json"
 BEST_SUFFIX = "-best.safetensors"
@@ -26,6 +28,13 @@ _NOT_METRICS = {"step", "epoch", "timestamp", "checkpoint", "status", "note", "e
 def best_file_name(output_name: str) -> str:
     """`<output_name>-best.safetensors`: a watcher of the output folder must not treat it as a checkpoint."""
     return f"{output_name}{BEST_SUFFIX}"
+
+
+# [best] rule: how the best checkpoint is chosen.
+NOT_OVERTRAINED = "not_overtrained"  # the best eval_score among checkpoints not flagged as over-trained
+LOWEST_SCORE = "lowest_score"  # the best eval_score among all ok checkpoints, flagged or not
+RULES = (NOT_OVERTRAINED, LOWEST_SCORE)
+RANKED_BY = "eval_score"  # lower is better; both rules rank by it, whatever early stopping monitors
 
 
 def _number(value: Any) -> float | None:
@@ -66,6 +75,71 @@ def select_best(rows: list[dict[str, Any]], monitor: str, mode: str) -> dict[str
     return best_row
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The best checkpoint under a [best] rule, and the checkpoints the rule left out, with why.
+
+    best: the chosen row, or None (no scored checkpoint yet, or every one is flagged as over-trained).
+    rule: how it was chosen, in words (best.json's "rule").
+    excluded: {"checkpoint", "step", "eval_score", "reasons"} of each flagged checkpoint the rule passed
+        over, by step; empty under "lowest_score", which passes over none.
+    flags: the best's own over-training flags (only "lowest_score" can choose a flagged checkpoint).
+    """
+
+    best: dict[str, Any] | None
+    rule: str
+    excluded: tuple[dict[str, Any], ...] = ()
+    flags: tuple[str, ...] = ()
+
+    @property
+    def none_clean(self) -> bool:
+        """Scored checkpoints exist but every one is flagged: no best, on purpose."""
+        return self.best is None and bool(self.excluded)
+
+
+def _excluded_entry(row: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
+    return {"checkpoint": str(row.get("checkpoint") or ""), "step": _step(row),
+            "eval_score": _number(row.get(RANKED_BY)), "reasons": list(reasons)}
+
+
+def choose_best(rows: list[dict[str, Any]], rule: str = NOT_OVERTRAINED, bounds: Bounds = DEFAULT_BOUNDS) -> Choice:
+    """The best checkpoint of `rows` (the tracker's rows, baseline included) under `rule`.
+
+    Candidates are ok rows with a finite eval_score; the baseline (the base model, no LoRA) never is one.
+    Under "not_overtrained" a flagged candidate is passed over; when every candidate is flagged there is no
+    best rather than a least-bad one, so a script reading `-best.safetensors` never gets an over-trained
+    file called best. `excluded` then lists them all, with their scores, for a person to choose from.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+    judged = [(row, reasons) for row, reasons in flag_rows(rows, bounds)
+              if str(row.get("status", "")).strip() == "ok" and _number(row.get(RANKED_BY)) is not None]
+    if rule == LOWEST_SCORE:
+        best = select_best([row for row, _ in judged], RANKED_BY, "min")
+        own = next((reasons for row, reasons in judged if row is best), [])
+        return Choice(best, f'lowest {RANKED_BY} among ok checkpoints, over-training flags ignored '
+                            f'([best] rule = "{LOWEST_SCORE}")', (), tuple(own))
+    clean = [row for row, reasons in judged if not reasons]
+    entries = [_excluded_entry(row, reasons) for row, reasons in judged if reasons]
+    excluded = tuple(sorted(entries, key=lambda e: (math.inf if e["step"] is None else e["step"], e["checkpoint"])))
+    best = select_best(clean, RANKED_BY, "min")
+    if best is None and excluded:
+        return Choice(None, f"every evaluated checkpoint is flagged as over-trained, so none is the best "
+                            f'([best] rule = "{NOT_OVERTRAINED}"; "{LOWEST_SCORE}" ranks them anyway)', excluded)
+    return Choice(best, f"lowest {RANKED_BY} among checkpoints not flagged as over-trained "
+                        f'([best] rule = "{NOT_OVERTRAINED}")', excluded)
+
+
+def exclusions_text(choice: Choice) -> str:
+    """One short line on what the rule passed over, for the live view: "" when nothing was."""
+    if choice.flags:
+        return f"flagged: {', '.join(flag_names(choice.flags))}"
+    if not choice.excluded:
+        return ""
+    names = flag_names(reason for entry in choice.excluded for reason in entry["reasons"])
+    return f"{len(choice.excluded)} excluded as over-trained ({', '.join(names)})"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
     tmp = _temp_name(path)
@@ -95,8 +169,10 @@ def _stage_checkpoint(checkpoint_path: Path, tmp: Path) -> None:
     shutil.copyfile(checkpoint_path, tmp)
 
 
-def best_record(best_row: dict[str, Any], rule: str) -> dict[str, Any]:
-    """The content of best.json: checkpoint file name, step, epoch, finite metrics and the rule used."""
+def best_record(best_row: dict[str, Any], rule: str, excluded: tuple[dict[str, Any], ...] = (),
+                flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The content of best.json: checkpoint file name, step, epoch, finite metrics, the rule used, the
+    checkpoints the rule excluded (with why) and the best's own over-training flags."""
     metrics = {name: value for name in METRIC_MODES if (value := _number(best_row.get(name))) is not None}
     for name, cell in best_row.items():  # metrics added by other scorers, beyond the known ones
         if name not in metrics and name not in _NOT_METRICS and (value := _number(cell)) is not None:
@@ -108,12 +184,21 @@ def best_record(best_row: dict[str, Any], rule: str) -> dict[str, Any]:
         "epoch": None if epoch is None else int(epoch),
         "metrics": metrics,
         "rule": rule,
+        "excluded": list(excluded),
+        "flags": list(flags),
         "updated": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
+def no_best_record(rule: str, excluded: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """best.json when no checkpoint qualifies: the same keys, checkpoint and step null."""
+    return {"checkpoint": None, "step": None, "epoch": None, "metrics": {}, "rule": rule,
+            "excluded": list(excluded), "flags": [], "updated": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
 def write_best(
-    output_dir: Path, best_name: str, best_row: dict[str, Any], rule: str, checkpoint_path: Path
+    output_dir: Path, best_name: str, best_row: dict[str, Any], rule: str, checkpoint_path: Path,
+    excluded: tuple[dict[str, Any], ...] = (), flags: tuple[str, ...] = (),
 ) -> None:
     """Publish `checkpoint_path` as `best_name` (`<output_name>-best.safetensors`) and describe it in
     `best.json`.
@@ -125,7 +210,7 @@ def write_best(
     output_dir = Path(output_dir)
     target = output_dir / best_name
     json_path = output_dir / BEST_JSON
-    payload = (json.dumps(best_record(best_row, rule), indent=2) + "\n").encode()
+    payload = (json.dumps(best_record(best_row, rule, excluded, flags), indent=2) + "\n").encode()
     same = target.exists() and os.path.samefile(target, checkpoint_path)
     tmp_model = _temp_name(target)
     tmp_json = _temp_name(json_path)
@@ -142,3 +227,16 @@ def write_best(
     finally:
         tmp_model.unlink(missing_ok=True)
         tmp_json.unlink(missing_ok=True)
+
+
+def write_no_best(output_dir: Path, best_name: str, rule: str, excluded: tuple[dict[str, Any], ...]) -> None:
+    """Say in best.json that no checkpoint qualifies, then take down `best_name` if an earlier best left it.
+
+    That happens when a row written late (the baseline, a backfilled step) flags the checkpoint that was
+    best. The file is a link to (or copy of) a checkpoint that keeps its own name, so nothing is lost; it
+    goes after best.json is replaced, so a reader never finds best.json naming a checkpoint that is gone.
+    """
+    output_dir = Path(output_dir)
+    payload = (json.dumps(no_best_record(rule, excluded), indent=2) + "\n").encode()
+    atomic_write_bytes(output_dir / BEST_JSON, payload)
+    (output_dir / best_name).unlink(missing_ok=True)

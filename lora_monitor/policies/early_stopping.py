@@ -138,3 +138,52 @@ class EarlyStopping:
         return True, (
             f"early stop at step {step}: {name} did not improve{delta} for {waited} evaluation(s); {facts}"
         )
+
+
+@dataclass(frozen=True)
+class OvertrainingStop:
+    """Stop once `patience` evaluations in a row are flagged as over-trained ([early_stopping] overtraining).
+
+    The history is (step, reasons) per evaluation, reasons empty when the checkpoint is clean (see
+    `overtraining.flags`). Ordered by step like `EarlyStopping`, a step seen twice counting once with its
+    latest reasons, so a backfilled clean checkpoint between flagged ones breaks their run. patience 0 and
+    1 both stop at the first flagged evaluation; no stop before `min_step`; `enabled` False never stops.
+    """
+
+    patience: int = 3
+    min_step: int = 0
+    enabled: bool = True
+
+    def _streak(self, history: list[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
+        """The trailing run of flagged evaluations, in step order."""
+        latest: dict[int, list[str]] = {}
+        for step, reasons in history:
+            latest[step] = list(reasons)
+        streak: list[tuple[int, list[str]]] = []
+        for step, reasons in sorted(latest.items()):
+            streak = [*streak, (step, reasons)] if reasons else []
+        return streak
+
+    def evaluations_left(self, history: list[tuple[int, list[str]]]) -> int:
+        """Flagged evaluations still allowed before a stop (the live view's countdown, >= 0)."""
+        return max(max(self.patience, 1) - len(self._streak(history)), 0)
+
+    def decide(self, history: list[tuple[int, list[str]]]) -> tuple[bool, str]:
+        """(stop, reason); the reason names the steps of the run and the latest evaluation's flags."""
+        streak = self._streak(history)
+        needed = max(self.patience, 1)
+        if not streak:
+            return False, f"over-training: the latest of {len(history)} evaluation(s) is not flagged"
+        step, reasons = streak[-1]
+        steps = ", ".join(str(s) for s, _ in streak[-_HISTORY_SHOWN:])
+        if len(streak) > _HISTORY_SHOWN:
+            steps = "..., " + steps
+        facts = f"flagged at steps {steps}; at step {step}: {'; '.join(reasons)}"
+        if len(streak) < needed:
+            return False, f"over-training at step {step}: {len(streak)} of {needed} flagged evaluation(s); {facts}"
+        if not self.enabled:
+            return False, f"over-training at step {step}: stopping on it is off; {facts}"
+        if step < self.min_step:
+            return False, (f"over-training at step {step}: {len(streak)} flagged evaluation(s) in a row but "
+                           f"min_step is {self.min_step}; {facts}")
+        return True, f"early stop at step {step}: over-trained for {len(streak)} evaluation(s) in a row; {facts}"
