@@ -65,6 +65,15 @@ BAD = [
     ("[metrics]\nfashion_model = 'x'\n", "did you mean 'fashion_clip_model'?"),
     ("[early_stopping]\nmode = 'up'\n", "early_stopping.mode = 'up'"),
     ("[early_stopping]\npatience = -1\n", "must be >= 0"),
+    ("[early_stopping]\novertraining = 'yes'\n", "early_stopping.overtraining: expected bool, got str"),
+    ("[early_stopping]\nmonitor = 'diversty'\n", "did you mean 'diversity'?"),
+    ("[best]\nrule = 'lowest'\n", "best.rule = 'lowest': unknown; did you mean 'lowest_score'?"),
+    ("[best]\ndiversity_fraction = 1.5\n", "best.diversity_fraction = 1.5: must be in [0, 1]"),
+    ("[best]\nholdout_margin = -0.01\n", "best.holdout_margin = -0.01: must be a number >= 0"),
+    ("[best]\nval_loss_margin = nan\n", "best.val_loss_margin = nan: must be a number >= 0"),
+    ("[best]\nmax_copies = -1\n", "best.max_copies = -1: must be >= 0"),
+    ("[best]\nmax_copies = 0.5\n", "best.max_copies: expected int, got float"),
+    ("[best]\ncopy_threshold = 0.2\n", "best.copy_threshold: unknown key"),
     ("[output]\ncsv = 3\n", "output.csv: expected Path, got int"),
     ("[eval\n", "not valid TOML"),
     ("eval = 3\n", "expected a table"),
@@ -86,3 +95,15 @@ def test_missing_and_folder_config(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(UserError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_best_defaults_and_overrides(tmp_path: Path) -> None:
+    from lora_monitor.policies.overtraining import Bounds
+
+    cfg = parse_config("", tmp_path / "x.toml")
+    assert cfg.best.rule == "not_overtrained" and not cfg.early_stopping.overtraining
+    assert cfg.best.bounds() == Bounds(diversity_fraction=0.5, holdout_margin=0.03, val_loss_margin=0.05, max_copies=0)
+    cfg = parse_config("[best]\nrule = 'lowest_score'\nholdout_margin = inf\ndiversity_fraction = 0\n"
+                       "[early_stopping]\novertraining = true\nmonitor = 'copy_distance'\n", tmp_path / "x.toml")
+    assert cfg.best.rule == "lowest_score" and cfg.best.holdout_margin == float("inf")
+    assert cfg.best.diversity_fraction == 0.0 and cfg.early_stopping.overtraining

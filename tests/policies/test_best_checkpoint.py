@@ -1,4 +1,5 @@
-"""Best checkpoint: selection table, atomic publication, copy fallback, failures that keep the old pair."""
+"""Best checkpoint: selection tables (with over-training exclusions), atomic publication, copy fallback, failures
+that keep the old pair."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from lora_monitor.policies.best_checkpoint import (
     BEST_JSON,
     atomic_write_bytes,
     best_file_name,
+    choose_best,
+    exclusions_text,
     select_best,
     write_best,
+    write_no_best,
 )
+from lora_monitor.policies.overtraining import Bounds
 
 
 def row(ckpt: str, step: Any, status: str = "ok", **metrics: Any) -> dict[str, Any]:
@@ -175,3 +180,99 @@ def test_atomic_write_bytes(tmp_path: Path) -> None:
     atomic_write_bytes(path, b"two")
     assert path.read_bytes() == b"two"
     assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ the [best] rules over flagged rows
+def scored(step: int, score: float, status: str = "ok", **cells: Any) -> dict[str, str]:
+    return {"checkpoint": f"a-{step}.safetensors", "step": str(step), "status": status,
+            "eval_score": str(score), **{k: str(v) for k, v in cells.items()}}
+
+
+BASELINE_ROW = {"checkpoint": "baseline", "step": "0", "status": "baseline", "eval_score": "0.01",
+                "diversity": "0.4", "clip_t_holdout": "0.3"}
+# eval_score keeps falling while the LoRA memorises: the lowest score is the most over-trained checkpoint
+TRAINING = [
+    BASELINE_ROW,
+    scored(100, 0.50, diversity=0.35),
+    scored(200, 0.30, diversity=0.30),
+    scored(300, 0.20, diversity=0.15),  # diversity halved
+    scored(400, 0.10, diversity=0.10, copies=1),
+]
+
+
+@pytest.mark.parametrize(
+    ("rows", "rule", "best", "excluded"),
+    [
+        (TRAINING, "not_overtrained", "a-200.safetensors", ["a-300.safetensors", "a-400.safetensors"]),
+        (TRAINING, "lowest_score", "a-400.safetensors", []),
+        (TRAINING[:3], "not_overtrained", "a-200.safetensors", []),
+        ([BASELINE_ROW], "not_overtrained", None, []),  # the baseline is never a candidate
+        ([BASELINE_ROW], "lowest_score", None, []),
+        ([], "not_overtrained", None, []),
+        # every checkpoint flagged: no best, and all of them listed
+        ([BASELINE_ROW, TRAINING[3], TRAINING[4]], "not_overtrained", None,
+         ["a-300.safetensors", "a-400.safetensors"]),
+        # without a baseline only copies and val_loss can flag
+        (TRAINING[1:], "not_overtrained", "a-300.safetensors", ["a-400.safetensors"]),
+        # a flagged row without a score was no candidate, so it is not "excluded" either
+        ([BASELINE_ROW, scored(100, 0.5), {**scored(200, 0.1, copies=3), "eval_score": ""}], "not_overtrained",
+         "a-100.safetensors", []),
+        # failed and duplicate rows are never the best; a duplicate is not listed twice
+        ([BASELINE_ROW, scored(100, 0.5), scored(200, 0.1, "failed"), scored(300, 0.05, "duplicate", copies=1)],
+         "not_overtrained", "a-100.safetensors", []),
+        # excluded entries come by step, whatever the order the rows arrived in
+        ([BASELINE_ROW, TRAINING[4], scored(50, 0.9), TRAINING[3]], "not_overtrained", "a-50.safetensors",
+         ["a-300.safetensors", "a-400.safetensors"]),
+    ],
+)
+def test_choose_best(rows: list[dict[str, str]], rule: str, best: str | None, excluded: list[str]) -> None:
+    choice = choose_best(rows, rule)
+    assert (choice.best["checkpoint"] if choice.best else None) == best
+    assert [e["checkpoint"] for e in choice.excluded] == excluded
+    assert choice.none_clean == (best is None and bool(excluded))
+
+
+def test_choice_says_why_and_what_was_passed_over() -> None:
+    choice = choose_best(TRAINING, "not_overtrained")
+    assert choice.rule.startswith("lowest eval_score among checkpoints not flagged as over-trained")
+    assert choice.excluded[1] == {"checkpoint": "a-400.safetensors", "step": 400, "eval_score": 0.1,
+                                  "reasons": choice.excluded[1]["reasons"]}
+    assert [r.split()[0] for r in choice.excluded[1]["reasons"]] == ["copies", "diversity"]
+    assert exclusions_text(choice) == "2 excluded as over-trained (diversity, copies)"
+    assert choice.flags == ()
+
+    old = choose_best(TRAINING, "lowest_score")
+    assert "flags ignored" in old.rule and [f.split()[0] for f in old.flags] == ["copies", "diversity"]
+    assert exclusions_text(old) == "flagged: copies, diversity"
+
+    none = choose_best([BASELINE_ROW, TRAINING[4]], "not_overtrained")
+    assert none.best is None and "every evaluated checkpoint is flagged" in none.rule
+
+
+def test_choose_best_with_bounds_and_bad_rule() -> None:
+    assert choose_best(TRAINING, bounds=Bounds(max_copies=1, diversity_fraction=0.0)).best["step"] == "400"
+    with pytest.raises(ValueError, match="rule"):
+        choose_best(TRAINING, "latest")
+
+
+def test_best_json_lists_the_exclusions(run_dir: Path) -> None:
+    choice = choose_best(TRAINING, "not_overtrained")
+    best = {**choice.best, "checkpoint": "a-step00000020.safetensors"}
+    write_best(run_dir, best_file_name("a"), best, choice.rule, ckpt(run_dir, 20), choice.excluded)
+    record = json.loads((run_dir / BEST_JSON).read_text())
+    assert record["rule"] == choice.rule and record["flags"] == []
+    assert [(e["checkpoint"], e["step"]) for e in record["excluded"]] == [("a-300.safetensors", 300),
+                                                                          ("a-400.safetensors", 400)]
+    assert all(e["reasons"] for e in record["excluded"])
+
+
+def test_no_best_says_so_and_takes_down_the_old_best_file(run_dir: Path) -> None:
+    write_best(run_dir, best_file_name("a"), row("a-step00000010.safetensors", 10), "r", ckpt(run_dir, 10))
+    choice = choose_best([BASELINE_ROW, TRAINING[4]], "not_overtrained")
+    write_no_best(run_dir, best_file_name("a"), choice.rule, choice.excluded)
+    record = json.loads((run_dir / BEST_JSON).read_text())
+    assert record["checkpoint"] is None and record["step"] is None
+    assert record["excluded"][0]["checkpoint"] == "a-400.safetensors"
+    assert not (run_dir / "a-best.safetensors").exists()
+    assert ckpt(run_dir, 10).exists()  # the checkpoint itself stays
+    assert leftovers(run_dir) == []

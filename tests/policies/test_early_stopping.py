@@ -1,4 +1,4 @@
-"""EarlyStopping: tables of metric sequences -> the step at which training stops."""
+"""EarlyStopping: tables of metric sequences -> the step at which training stops; the same for over-training flags."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lora_monitor.errors import UserError
-from lora_monitor.policies.early_stopping import METRIC_MODES, EarlyStopping
+from lora_monitor.policies.early_stopping import METRIC_MODES, EarlyStopping, OvertrainingStop
 
 NAN = math.nan
 INF = math.inf
@@ -143,3 +143,72 @@ def test_validate_accepts() -> None:
     EarlyStopping().validate(NAMES)
     EarlyStopping(monitor="lpips", mode="min").validate([*NAMES, "lpips"])
     assert all(EarlyStopping(monitor=m).resolved_mode == METRIC_MODES[m] for m in METRIC_MODES)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "values", "expected"),
+    [
+        ("diversity", [0.4, 0.3, 0.2, 0.1], 30),  # max: falling from the first evaluation on
+        ("clip_t_holdout", [0.25, 0.28, 0.27, 0.26], 40),  # max
+        ("copy_distance", [0.6, 0.5, 0.3], 30),  # max: lower is closer to a copy
+        ("copies", [0, 0, 1], 30),  # min: the first evaluation without a gain ends the wait
+        ("val_loss", [0.10, 0.09, 0.095, 0.1], 40),  # min
+    ],
+)
+def test_new_columns_take_their_direction(monitor: str, values: list[float], expected: int | None) -> None:
+    assert first_stop(EarlyStopping(monitor=monitor, patience=2), values) == expected
+
+
+# --------------------------------------------- [early_stopping] overtraining: flagged evaluations in a row
+F = ["copies 1 > 0 (images closer to a training image than copy_threshold)"]
+D = ["diversity 0.100 < 0.5 × baseline 0.400 (seeds give near-identical images)"]
+
+
+def first_overtraining_stop(rule: OvertrainingStop, flags: list[list[str]], every: int = 10) -> int | None:
+    history: list[tuple[int, list[str]]] = []
+    for i, reasons in enumerate(flags, start=1):
+        history.append((i * every, reasons))
+        stop, _ = rule.decide(history)
+        if stop:
+            return i * every
+    return None
+
+
+@pytest.mark.parametrize(
+    ("name", "rule", "flags", "expected"),
+    [
+        ("clean run", OvertrainingStop(patience=1), [[], [], []], None),
+        ("patience 3", OvertrainingStop(patience=3), [[], F, D, F, []], 40),
+        ("a clean one breaks the run", OvertrainingStop(patience=2), [F, [], F, [], F, D], 60),
+        ("patience 1", OvertrainingStop(patience=1), [[], F], 20),
+        ("patience 0 acts as 1", OvertrainingStop(patience=0), [[], F], 20),
+        ("min_step waits", OvertrainingStop(patience=1, min_step=35), [F, F, F, F], 40),
+        ("off", OvertrainingStop(patience=1, enabled=False), [F, F, F], None),
+        ("empty", OvertrainingStop(patience=1), [], None),
+    ],
+)
+def test_overtraining_stop(name: str, rule: OvertrainingStop, flags: list[list[str]], expected: int | None) -> None:
+    assert first_overtraining_stop(rule, flags) == expected, name
+
+
+def test_overtraining_is_judged_by_step() -> None:
+    rule = OvertrainingStop(patience=2)
+    # step 25 (clean) was backfilled after 30 and 40: the flagged run is 30, 40 only when 25 is not between
+    assert rule.decide([(20, F), (30, F), (40, F), (25, [])])[0]
+    assert not rule.decide([(20, F), (40, F), (30, [])])[0]
+    # a step evaluated twice counts once, with its latest flags
+    assert not rule.decide([(10, F), (20, F), (20, [])])[0]
+    assert rule.evaluations_left([(10, F), (20, F), (20, [])]) == 2
+    assert rule.evaluations_left([(10, []), (20, F)]) == 1
+    assert rule.evaluations_left([(10, F), (20, F), (30, F)]) == 0
+
+
+def test_overtraining_reason_names_the_flags() -> None:
+    stop, reason = OvertrainingStop(patience=2).decide([(10, []), (20, F), (30, F + D)])
+    assert stop
+    assert reason.startswith("early stop at step 30: over-trained for 2 evaluation(s) in a row")
+    assert "flagged at steps 20, 30" in reason and "copies 1 > 0" in reason and "diversity 0.100" in reason
+    stop, reason = OvertrainingStop(patience=3).decide([(10, []), (20, F)])
+    assert not stop and "1 of 3 flagged evaluation(s)" in reason
+    stop, reason = OvertrainingStop(patience=3).decide([(10, F), (20, [])])
+    assert not stop and "not flagged" in reason
