@@ -302,7 +302,9 @@ def _summary(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str |
     counts = frame["status"].replace("", "unknown").value_counts() if len(frame) else pd.Series(dtype=int)
     status = ", ".join(f"{count} {name}" for name, count in counts.items()) or "none yet"
     items = [f"<dt>checkpoints</dt><dd>{len(frame)} ({html.escape(status)})</dd>"]
-    if best:
+    if best and best.get("checkpoint") is None:  # best.json: every checkpoint flagged as over-trained
+        items.append(f'<dt>best</dt><dd class="stop">none: {html.escape(str(best.get("rule") or ""))}</dd>')
+    elif best:
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (best.get("metrics") or {}).items())
         items.append(
             f'<dt>best</dt><dd class="best-text">{html.escape(str(best.get("checkpoint", "?")))} '
@@ -312,9 +314,24 @@ def _summary(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str |
         )
     else:
         items.append("<dt>best</dt><dd>none yet</dd>")
+    items.append(_exclusions(best or {}))
     stop = html.escape(early_stop) if early_stop else "not triggered"
     items.append(f'<dt>early stop</dt><dd class="{"stop" if early_stop else ""}">{stop}</dd>')
     return f"<dl>{''.join(items)}</dl>"
+
+
+def _exclusions(best: dict[str, Any]) -> str:
+    """best.json's checkpoints excluded as over-trained, with why, and the best's own flags ("" if none)."""
+    entries = [
+        f"<li>{html.escape(str(e.get('checkpoint', '?')))} (step {html.escape(_fmt(e.get('step')) or '?')}, "
+        f"eval_score {html.escape(_fmt(e.get('eval_score')) or '?')}): "
+        f"{html.escape('; '.join(map(str, e.get('reasons') or [])))}</li>"
+        for e in best.get("excluded") or []
+    ]
+    out = f"<dt>excluded as over-trained</dt><dd><ul class=excluded>{''.join(entries)}</ul></dd>" if entries else ""
+    if best.get("flags"):
+        out += f'<dt>best is flagged</dt><dd class="stop">{html.escape("; ".join(map(str, best["flags"])))}</dd>'
+    return out
 
 
 def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, stop_step: int | None) -> _Marks:
@@ -378,7 +395,7 @@ def build_report(
     output_dir = Path(output_dir)
     frame = read_rows(csv_path)
     marks = _marks(frame, best, stop_step)
-    best_name = str(best.get("checkpoint")) if best else None
+    best_name = str(best["checkpoint"]) if best and best.get("checkpoint") else None
     svg = curves_svg(frame, marks)
     timing_rows = _timing_rows(frame, timings)
     timing_html = (

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_monitor.config import parse_config
-from lora_monitor.policies.decisions import EARLY_STOP_JSON, Decisions
+from lora_monitor.policies.decisions import EARLY_STOP_JSON, Decisions, write_report
 from lora_monitor.run_spec import RunSpec
 from lora_monitor.tracking.tracker import Tracker
 
@@ -96,3 +96,22 @@ def test_both_stop_rules_share_the_countdown_line(tmp_path: Path) -> None:
     verdict = add(d, 100, eval_score=0.5, copies=1)
     assert verdict.patience_text == "3 evaluation(s) without improvement left; 2 over-trained evaluation(s) left"
     assert verdict.best_text == "none clean - 1 excluded as over-trained (copies)"
+
+
+def test_report_lists_the_excluded_checkpoints(tmp_path: Path) -> None:
+    d = decisions(tmp_path)
+    add(d, 0, "baseline", diversity=0.4)
+    add(d, 100, eval_score=0.5, diversity=0.35)
+    add(d, 200, eval_score=0.2, diversity=0.1, copies=1)
+    page = write_report(d.spec).read_text()
+    assert "excluded as over-trained" in page
+    assert "a-step00000200.safetensors (step 200, eval_score 0.2): copies 1 &gt; 0" in page
+    assert "diversity 0.100 &lt; 0.5 × baseline 0.400" in page
+
+
+def test_report_says_when_no_checkpoint_is_clean(tmp_path: Path) -> None:
+    d = decisions(tmp_path)
+    add(d, 100, eval_score=0.2, copies=1)
+    page = write_report(d.spec).read_text()
+    assert "<dt>best</dt><dd class=\"stop\">none: every evaluated checkpoint is flagged as over-trained" in page
+    assert "a-step00000100.safetensors (step 100, eval_score 0.2): copies 1 &gt; 0" in page
