@@ -1,4 +1,5 @@
-"""Early stopping on an evaluation metric, modelled on Lightning's `EarlyStopping` callback.
+"""Early stopping on an evaluation metric, modelled on Lightning's `EarlyStopping` callback, and on
+over-training ([early_stopping] overtraining: `patience` flagged evaluations in a row, see overtraining.py).
 
 The decision is a pure function of the evaluation history, so the live view, the log and the tests all
 ask the same question and get the same answer, with a reason a person can check by hand.
