@@ -70,3 +70,6 @@ PREVIOUS_COLUMNS = (*CONTRACT_COLUMNS, "clip_t", "eval_score", "status", "note",
 # Row statuses: "baseline" is the base model without a LoRA (step 0), evaluated once per run.
 BASELINE = "baseline"
 
+# strengths.csv: one row per (checkpoint, LoRA scale) of `[eval] strengths`, with every metric and signal.
+STRENGTH_COLUMNS = ("step", "checkpoint", "strength", *METRIC_NAMES, *SIGNAL_NAMES, "timestamp")
+STRENGTHS_CSV = "strengths.csv"

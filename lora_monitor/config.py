@@ -68,6 +68,7 @@ class EvalConfig:
     # kohya prompt file of prompts the captions never had (clip_t_holdout); unset: built from the captions'
     # trigger words and sample_prompts/holdout_contexts.list
     holdout_prompts: Path | None = None
+    holdout: bool = True  # false: no held-out prompts at all (no clip_t_holdout)
     references: Path | None = None
     base_model: str | None = None
     device: str = "auto"

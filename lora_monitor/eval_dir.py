@@ -16,6 +16,7 @@ from pathlib import Path
 from lora_monitor import events as ev
 from lora_monitor.checkpoints.files import checkpoint_order, read_header, ready_of, step_from_name, why_incomplete
 from lora_monitor.checkpoints.watcher import CheckpointWatcher, is_candidate, list_checkpoints
+from lora_monitor.columns import BASELINE
 from lora_monitor.config import Config
 from lora_monitor.errors import UserError
 from lora_monitor.evaluation.inputs import Inputs, check_inputs
@@ -138,7 +139,8 @@ def watch_folder(loop: RunState, files: list[Path]) -> CheckpointWatcher:
 
 def _evaluate(spec: RunSpec, watch: bool, view: LiveView, inputs: Inputs) -> int:
     loop = RunState(spec, view)
-    worker = EvalWorker(lambda: build_models(spec, inputs), loop.events.put, newest_first=False)
+    worker = EvalWorker(lambda: build_models(spec, inputs), loop.events.put, newest_first=False,
+                        baseline=BASELINE not in loop.tracker.done())
     files, todo = plan(loop, spec.output_dir)
     logs = SessionLogs(spec)
     worker.start()
@@ -185,7 +187,7 @@ def _follow(loop: RunState, worker: EvalWorker, logs: SessionLogs, expected: int
                 loop.handle_common(item, time.monotonic())
         for _, result in loop.waiting:
             loop.write_result(result, loop.values_at(result.step, logs.of(result.checkpoint)))
-            expected -= 1
+            expected -= 0 if result.baseline else 1
         loop.waiting.clear()
         loop.view.set_queue([r.path.name for r in worker.pending()],
                             worker.busy_with.name if worker.busy_with else None)

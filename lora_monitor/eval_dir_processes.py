@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from lora_monitor import events as ev
+from lora_monitor.columns import BASELINE
 from lora_monitor.errors import UserError
 from lora_monitor.eval_dir import SessionLogs, finish, plan, scheduled, watch_folder
 from lora_monitor.evaluation.inputs import Inputs
-from lora_monitor.evaluation.worker import Models, build_models, drain, evaluate_one
+from lora_monitor.evaluation.worker import Models, build_models, drain, evaluate_baseline, evaluate_one
 from lora_monitor.lock import OutputLock
 from lora_monitor.run_spec import RunSpec
 from lora_monitor.run_state import RunState, SignalCatcher
 from lora_monitor.tracking.live import LiveView
+from lora_monitor.tracking.rows import TrainingValues
 
 IDLE_POLL_S = 1.0  # --watch with nothing to do: how long the main process waits for new files per round
 
@@ -144,6 +146,8 @@ def _main(spec: RunSpec, watch: bool, view: LiveView, inputs: Inputs, state: Any
     for warning in models.warnings:
         view.message(f"warning: {warning}")
     logs = SessionLogs(spec)
+    if BASELINE not in loop.tracker.done():
+        loop.write_result(evaluate_baseline(models), TrainingValues())  # the others wait for their first round
     watcher = watch_folder(loop, files) if watch else None
     by_process: Counter[int] = Counter()
     fingerprints: dict[str, tuple[str, dict]] = {}

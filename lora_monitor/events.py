@@ -90,6 +90,8 @@ class EvalResult:
     note: str | None = None
     seconds: float | None = None
     skipped: bool = False  # e.g. kohya deleted the file (--save_last_n_steps) before its turn
+    baseline: bool = False  # the base model without a LoRA (checkpoint "baseline", step 0)
+    by_strength: dict[float, dict[str, float]] = field(default_factory=dict)  # [eval] strengths other than 1.0
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from lora_monitor import events as ev
-from lora_monitor.columns import METRIC_NAMES
+from lora_monitor.columns import METRIC_NAMES, STRENGTH_COLUMNS, STRENGTHS_CSV
 from lora_monitor.errors import UserError
 from lora_monitor.kohya.tensorboard import StepFacts
+from lora_monitor.policies.best_checkpoint import best_strength
 from lora_monitor.policies.decisions import Decisions
+from lora_monitor.policies.overtraining import baseline_of
 from lora_monitor.run_spec import RunSpec
 from lora_monitor.tracking.live import LiveView
-from lora_monitor.tracking.rows import TrainingValues, build_row, epoch_from_metadata
+from lora_monitor.tracking.rows import TrainingValues, build_row, epoch_from_metadata, strength_rows
 from lora_monitor.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,14 @@ def _tensorboard_of(spec: RunSpec) -> Any:
 class RunState:
     """State shared by train and eval-dir: the tracker, the view, pending results and the decisions."""
 
-    def __init__(self, spec: RunSpec, view: LiveView, primary: bool = True) -> None:
+    def __init__(self, spec: RunSpec, view: LiveView) -> None:
         self.spec = spec
         self.output_dir = spec.output_dir
         self.view = view
         self.tracker = Tracker(spec.csv_path)
         self.events: queue.Queue[object] = queue.Queue()
         self.decisions = Decisions(spec, self.tracker)
-        self.primary = primary  # only the primary process publishes best.json and the report
+        self.strengths: Tracker | None = None  # strengths.csv, opened at the first checkpoint with strengths
         self.waiting: list[tuple[float, ev.EvalResult]] = []
         self.printed_loss: dict[int, float] = {}  # step -> the last avr_loss kohya drew with it
         self.printed_epoch: dict[int, int] = {}  # step -> the epoch in force when kohya first drew it
@@ -92,10 +94,10 @@ class RunState:
         if step is None:
             return TrainingValues()
         if logs is not None:
-            loss, lr = logs.loss.get(step), logs.lr_at(step)
+            loss, lr, val = logs.loss.get(step), logs.lr_at(step), logs.val_loss_at(step)
         else:
-            loss, lr = self.printed_loss.get(step), None
-        return TrainingValues(loss=loss, epoch=self.printed_epoch.get(step), learning_rate=lr)
+            loss, lr, val = self.printed_loss.get(step), None, None
+        return TrainingValues(loss=loss, epoch=self.printed_epoch.get(step), learning_rate=lr, val_loss=val)
 
     def _to_tensorboard(self, row: dict[str, str], checkpoint: Path) -> None:
         if self.tensorboard is None or row.get("status") != "ok" or not row.get("step"):
@@ -113,9 +115,18 @@ class RunState:
             self.view.message(f"warning: TensorBoard row not written ({exc})")
 
     def write_result(self, result: ev.EvalResult, values: TrainingValues) -> None:
-        epoch_hint = epoch_from_metadata(result.checkpoint) if result.checkpoint.exists() else None
+        if result.baseline:
+            values = TrainingValues()  # the base model: no training step, no trainer values
+        on_disk = not result.baseline and result.checkpoint.exists()
+        epoch_hint = epoch_from_metadata(result.checkpoint) if on_disk else None
+        self._write_strengths(result)
+        row = build_row(result, values, epoch_hint)
+        if result.by_strength and not result.error:
+            best = self.spec.config.best
+            row["best_strength"] = best_strength({1.0: result.metrics, **result.by_strength},
+                                                 baseline_of(self.tracker.rows), best.rule, best.bounds())
         try:
-            row = self.tracker.append(build_row(result, values, epoch_hint))
+            row = self.tracker.append(row)
         except UserError as exc:
             # A full disk or a CSV made read-only mid-run: the row is lost, not the run. The tracker left
             # no half row, so `eval-dir` evaluates this checkpoint again later.
@@ -124,9 +135,8 @@ class RunState:
                               "`lora-monitor eval-dir` adds it later")
             return
         self.view.add_row(row)
-        self._to_tensorboard(row, result.checkpoint)
-        if not self.primary:
-            return
+        if not result.baseline:  # the baseline is a reference for the flags, never a candidate
+            self._to_tensorboard(row, result.checkpoint)
         verdict = self.decisions.after_row(row)
         self.view.set_best(verdict.best_text)
         self.view.set_patience(verdict.patience_text)
@@ -135,6 +145,18 @@ class RunState:
             self.stop_step = int(row["step"]) if row.get("step") else None
             self.view.message(f"early stop: {verdict.reason}")
             self.decisions.record_early_stop(str(verdict.reason), row)
+
+    def _write_strengths(self, result: ev.EvalResult) -> None:
+        rows = strength_rows(result)
+        if not rows:
+            return
+        try:
+            if self.strengths is None:
+                self.strengths = Tracker(self.spec.csv_path.with_name(STRENGTHS_CSV), STRENGTH_COLUMNS, None)
+            for row in rows:
+                self.strengths.append(row)
+        except UserError as exc:
+            self.view.message(f"{result.checkpoint.name}: strengths not written - {exc}")
 
     def handle_common(self, item: object, arrived: float) -> bool:
         if isinstance(item, ev.EvalResult):

@@ -17,6 +17,7 @@ import time
 from lora_monitor import events as ev
 from lora_monitor.checkpoints.files import ready_of
 from lora_monitor.checkpoints.watcher import CheckpointWatcher, list_checkpoints
+from lora_monitor.columns import BASELINE
 from lora_monitor.config import Config
 from lora_monitor.cpu_share import CpuShare, kohya_env, plan, usable_cores
 from lora_monitor.evaluation.inputs import check_inputs
@@ -147,8 +148,8 @@ def run_train(config: Config, view: LiveView) -> int:
         watcher = None
         if config.eval.enabled and inputs is not None:
             run.worker = EvalWorker(lambda: build_models(spec, inputs), state.events.put, threads=share.eval_threads,
-                                    nice=share.eval_nice,
-                                    newest_first=config.eval.newest_first)
+                                    nice=share.eval_nice, newest_first=config.eval.newest_first,
+                                    baseline=BASELINE not in state.tracker.done())
             before = {p.name for p in list_checkpoints(spec.output_dir)}  # an earlier run's files: eval-dir's job
             watcher = CheckpointWatcher(
                 spec.output_dir,

@@ -102,7 +102,7 @@ def test_best_defaults_and_overrides(tmp_path: Path) -> None:
 
     cfg = parse_config("", tmp_path / "x.toml")
     assert cfg.best.rule == "not_overtrained" and not cfg.early_stopping.overtraining
-    assert cfg.best.bounds() == Bounds(diversity_fraction=0.5, holdout_margin=0.03, val_loss_margin=0.05, max_copies=0)
+    assert cfg.best.bounds() == Bounds(diversity_fraction=0.25, holdout_margin=0.03, val_loss_margin=0.05, max_copies=0)
     cfg = parse_config("[best]\nrule = 'lowest_score'\nholdout_margin = inf\ndiversity_fraction = 0\n"
                        "[early_stopping]\novertraining = true\nmonitor = 'copy_distance'\n", tmp_path / "x.toml")
     assert cfg.best.rule == "lowest_score" and cfg.best.holdout_margin == float("inf")

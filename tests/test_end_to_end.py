@@ -15,6 +15,7 @@ import pytest
 
 CONTRACT = "step,epoch,total_loss,visual_loss,fashion_clip_loss,color_loss,learning_rate,timestamp,checkpoint"
 METRICS = ["visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score"]
+SIGNALS = ["clip_t_holdout", "diversity", "copy_distance", "copies"]  # val_loss: the demo runs no validation
 
 
 def _cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -55,6 +56,17 @@ def test_demo_runs_the_whole_loop(demo_run: tuple[Path, subprocess.CompletedProc
         assert sorted(p.name for p in (out / "eval" / stem).glob("*.png")), stem
     assert (out / "best.json").exists()
     assert (out / "report.html").exists()
+    # the base model's row comes first, then every checkpoint carries the over-training signals
+    baseline = df.iloc[0]
+    assert (baseline["status"], baseline["step"], baseline["checkpoint"]) == ("baseline", 0, "baseline")
+    for column in [*METRICS, *SIGNALS]:
+        assert math.isfinite(baseline[column]), column
+        assert ok[column].map(math.isfinite).all(), column
+    assert (ok["copies"] == ok["copies"].round()).all() and (ok["copies"] >= 0).all()
+    shown = sorted(p.name for p in (out / "eval" / "baseline").glob("*.png"))
+    first = Path(ok["checkpoint"].iloc[0]).stem
+    per_checkpoint = sorted(p.name for p in (out / "eval" / first).glob("*.png"))
+    assert shown == per_checkpoint and len(shown) > 4  # two seeds per prompt and the held-out prompts
     # lora-monitor's own TensorBoard run sits beside kohya's, so one --logdir shows both
     assert list((out / "logs" / "lora-monitor").glob("events.out.tfevents.*"))
     assert list((out / "logs").glob("*/network_train/events.out.tfevents.*"))
@@ -84,8 +96,9 @@ def test_eval_dir_reproduces_live_rows(demo_run: tuple[Path, subprocess.Complete
     live = live[live["status"] == "ok"]
     assert set(live.index) <= set(again.index)
     for name in live.index:
-        for column in METRICS:
+        for column in [*METRICS, *SIGNALS]:
             assert abs(live.loc[name, column] - again.loc[name, column]) <= 1e-4, (name, column)
+    assert again.loc["baseline", "status"] == "baseline"  # written by eval-dir too, as the new CSV had none
     # running it again evaluates nothing new: every checkpoint is already in the CSV
     rows_before = len(again)
     result = _cli("eval-dir", str(out), "--config", str(workdir / "config.toml"), "--csv", str(new_csv),

@@ -284,6 +284,7 @@ class Evaluator:
         self._counter = 0
         self._adapter: str | None = None
         self._adapter_sig: frozenset[tuple[str, tuple[int, ...]]] | None = None
+        self._te_lora = False  # does the adapter in use change the text encoder (no cached prompt embeddings)
         self._embeds: dict[GroupKey, dict[str, torch.Tensor]] = {}  # base text encoder, once per run
         # Exact copies (on the CPU) of base weights a LoRA was merged into, to put them back bit for bit.
         self._base_copies: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
@@ -324,14 +325,33 @@ class Evaluator:
         started = time.perf_counter()
         state = _load_lora_state(Path(path))
         self.swap_in(state)
-        swapped = time.perf_counter()
-        images = self._generate_with_fallback(touches_text_encoder(list(state)))
+        self._te_lora = touches_text_encoder(list(state))
+        return self._generate(1.0, time.perf_counter() - started)
+
+    def at_strength(self, strength: float) -> Generated:
+        """The LoRA generate() swapped in, at another scale (`[eval] strengths`): same prompts and seeds."""
+        if self._adapter is None:
+            raise RuntimeError("at_strength() needs a LoRA swapped in by generate()")
+        return self._generate(strength, 0.0)
+
+    def generate_base(self) -> Generated:
+        """The base model alone (the run's baseline): no adapter, the exact base weights."""
+        self.unload()
+        self._te_lora = False
+        return self._generate(1.0, 0.0)
+
+    def _generate(self, strength: float, swap_s: float) -> Generated:
+        if self._adapter is not None:
+            # the scale the merge in _merged() folds in; set every time, a hotswap keeps the last one
+            self.pipe.set_adapters([self._adapter], adapter_weights=[strength])
+        started = time.perf_counter()
+        images = self._generate_with_fallback(self._te_lora)
         return Generated(
             images=images,
             prompts=[p.text for p in self.prompts],
             seeds=self.seeds(),
-            swap_s=swapped - started,
-            generate_s=time.perf_counter() - swapped,
+            swap_s=swap_s,
+            generate_s=time.perf_counter() - started,
         )
 
     def swap_in(self, state: dict[str, torch.Tensor]) -> None:

@@ -4,13 +4,13 @@ base model, the reference images and the prompts."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_monitor.config import Config
 from lora_monitor.errors import UserError
-from lora_monitor.evaluation.prompts import Prompt, load_prompts, prompts_from_captions
+from lora_monitor.evaluation.prompts import Prompt, load_holdout_prompts, load_prompts, prompts_from_captions
 
 if TYPE_CHECKING:
     from lora_monitor.run_spec import RunSpec
@@ -22,6 +22,12 @@ class Inputs:
 
     references: list[Path]
     prompts: list[Prompt]
+    holdout: list[Prompt] = field(default_factory=list)  # clip_t_holdout's prompts; [] turns it off
+
+
+# Built-in held-out prompts (no [eval] holdout_prompts): the first contexts of the shipped list. Each costs
+# one image per checkpoint; a prompt file given by the user is used whole.
+BUILT_IN_HOLDOUT = 4
 
 
 def check_inputs(spec: RunSpec) -> Inputs:
@@ -37,7 +43,18 @@ def check_inputs(spec: RunSpec) -> Inputs:
     if ("/" in base or os.sep in base) and Path(base).is_absolute() and not Path(base).exists():
         raise UserError(f"base model {base}: not found; fix [eval] base_model or pretrained_model_name_or_path")
     references = reference_images(spec)
-    return Inputs(references=references, prompts=resolve_prompts(config, references))
+    return Inputs(references=references, prompts=resolve_prompts(config, references),
+                  holdout=resolve_holdout(config, references))
+
+
+def resolve_holdout(config: Config, references: list[Path]) -> list[Prompt]:
+    from lora_monitor.evaluation.references import read_captions
+
+    if not config.eval.holdout:
+        return []
+    captions = read_captions(references)
+    prompts = load_holdout_prompts(config.eval.holdout_prompts, captions)
+    return prompts if config.eval.holdout_prompts else prompts[:BUILT_IN_HOLDOUT]
 
 
 def resolve_prompts(config: Config, references: list[Path]) -> list[Prompt]:

@@ -436,6 +436,12 @@ class Scorer:
             raise ValueError("embed_visual() needs at least one image")
         return self._dino.embed_images(images)
 
+    def text_alignment(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+        """clip_t of `images` against their own prompts (one per image), without the reference metrics."""
+        if not images or len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one prompt per image")
+        return clip_t_score(self._clip.embed_images(images), self._clip.embed_texts(list(prompts)))
+
     def score(self, images: list[Image.Image], prompts: list[str] | None = None) -> dict[str, float]:
         """Metrics of `images` (one checkpoint) against the references, keys in METRIC_COLUMNS order.
 

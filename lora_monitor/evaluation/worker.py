@@ -19,14 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_monitor.checkpoints.files import read_header, tensor_fingerprint
+from lora_monitor.columns import BASELINE
 from lora_monitor.cpu_share import lower_this_thread
 from lora_monitor.errors import EvalError, UserError
+from lora_monitor.evaluation.image_plan import MAIN, ImagePlan, build_plan
 from lora_monitor.evaluation.inputs import Inputs
+from lora_monitor.evaluation.memorisation import COPY_THRESHOLD, CopyIndex
 from lora_monitor.evaluation.prompts import Prompt
+from lora_monitor.evaluation.references import load_image
 from lora_monitor.events import CheckpointReady, EvalDisabled, EvalResult, EvalWarning
 from lora_monitor.policies.eval_schedule import EvalQueue
 
 if TYPE_CHECKING:
+    from lora_monitor.evaluation.evaluator import Generated
     from lora_monitor.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,10 @@ class Models:
     scorer: object
     output_dir: Path  # eval/<stem>/ below it holds each checkpoint's images, or error.txt when it failed
     warnings: list[str] = field(default_factory=list)
+    plan: ImagePlan | None = None  # which images are the evaluation prompts' and which the held-out ones
+    copies: CopyIndex | None = None  # the references, prepared once for copy_distance
+    copy_threshold: float = COPY_THRESHOLD
+    strengths: tuple[float, ...] = ()  # extra LoRA scales to evaluate at, besides 1.0
 
 
 def quiet_libraries() -> None:
@@ -70,9 +79,43 @@ def build_models(spec: RunSpec, inputs: Inputs) -> Models:
     )
     warnings = list(scorer.set_references(inputs.references))
     pipe = load_pipeline(str(spec.base_model), spec.sdxl, device, memory=config.eval.memory)
-    warnings += long_prompt_warnings(pipe, inputs.prompts)
-    evaluator = Evaluator(pipe, inputs.prompts, spec.eval_config, spec.output_dir)
-    return Models(evaluator=evaluator, scorer=scorer, output_dir=spec.output_dir, warnings=warnings)
+    warnings += long_prompt_warnings(pipe, [*inputs.prompts, *inputs.holdout])
+    plan = build_plan(inputs.prompts, inputs.holdout, config.eval.seeds_per_prompt, config.eval.seed)
+    evaluator = Evaluator(pipe, list(plan.prompts), spec.eval_config, spec.output_dir)
+    copies = CopyIndex([load_image(p) for p in scorer.reference_paths])
+    strengths = tuple(s for s in dict.fromkeys(config.eval.strengths) if s != 1.0)
+    return Models(evaluator=evaluator, scorer=scorer, output_dir=spec.output_dir, warnings=warnings, plan=plan,
+                  copies=copies, copy_threshold=config.metrics.copy_threshold, strengths=strengths)
+
+
+def judge(models: Models, generated: Generated) -> dict[str, float]:
+    """The metrics against the references (on the evaluation prompts' images) and the over-training signals."""
+    from lora_monitor.evaluation.signals import overtraining_signals
+
+    images = generated.images
+    if models.plan is None:  # a plan of the evaluation prompts alone, one seed each
+        return models.scorer.score(images, generated.prompts)  # type: ignore[attr-defined]
+    main = models.plan.indices(MAIN)
+    metrics = models.scorer.score([images[i] for i in main],  # type: ignore[attr-defined]
+                                  [generated.prompts[i] for i in main])
+    metrics.update(overtraining_signals(models.scorer, models.copies, models.copy_threshold, models.plan, images))
+    return metrics
+
+
+def evaluate_baseline(models: Models) -> EvalResult:
+    """The base model without a LoRA, with the run's prompts and seeds: the row every signal is read against."""
+    started = time.monotonic()
+    path = Path(BASELINE)
+    try:
+        generated = models.evaluator.generate_base()  # type: ignore[attr-defined]
+        models.evaluator.save(path, 0, generated)  # type: ignore[attr-defined]
+        metrics = judge(models, generated)
+        return EvalResult(path, 0, metrics, seconds=time.monotonic() - started, baseline=True)
+    except Exception as exc:  # noqa: BLE001 - evaluation problems never kill the run
+        where = _keep_traceback(models.output_dir, path, traceback.format_exc())
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return EvalResult(path, 0, error=f"baseline failed: {last[:300]}{where}", baseline=True,
+                          seconds=time.monotonic() - started)
 
 
 def long_prompt_warnings(pipe: object, prompts: list[Prompt]) -> list[str]:
@@ -106,9 +149,12 @@ def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str,
             return EvalResult(path, ready.step, dict(metrics), note=f"same weights as {twin}; not generated again")
         generated = models.evaluator.generate(path)  # type: ignore[attr-defined]
         models.evaluator.save(path, ready.step, generated)  # type: ignore[attr-defined]
-        metrics = models.scorer.score(generated.images, generated.prompts)  # type: ignore[attr-defined]
+        metrics = judge(models, generated)
+        by_strength = {s: judge(models, models.evaluator.at_strength(s))  # type: ignore[attr-defined]
+                       for s in models.strengths}
         fingerprints[fp] = (path.name, dict(metrics))
-        return EvalResult(path, ready.step, dict(metrics), seconds=time.monotonic() - started)
+        return EvalResult(path, ready.step, dict(metrics), seconds=time.monotonic() - started,
+                          by_strength=by_strength)
     except EvalError as exc:
         if not path.exists():
             return EvalResult(path, ready.step, note="deleted while being evaluated", skipped=True)
@@ -144,6 +190,7 @@ class EvalWorker:
         newest_first: bool = True,
         threads: int | None = None,
         nice: int = 0,
+        baseline: bool = False,
     ) -> None:
         """`threads`: torch's thread count for evaluating (None: torch's default); `nice`: how much lower the
         worker thread runs than the rest of the monitor (see lora_monitor/cpu_share.py)."""
@@ -159,6 +206,7 @@ class EvalWorker:
         self.fingerprints: dict[str, tuple[str, dict]] = {}
         self._threads = threads
         self._nice = nice
+        self._baseline = baseline  # evaluate the base model first (the run's CSV has no baseline row yet)
 
     def start(self) -> None:
         self._thread.start()
@@ -202,6 +250,10 @@ class EvalWorker:
             self.models = self._load()
             for w in self.models.warnings:
                 self._on_result(EvalWarning(w))
+            if self._baseline:
+                self.busy_with = Path(BASELINE)
+                self._on_result(evaluate_baseline(self.models))
+                self.busy_with = None
         except UserError as exc:
             self.load_error = str(exc)
             self._on_result(EvalDisabled(str(exc)))

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,3 +241,20 @@ def write_no_best(output_dir: Path, best_name: str, rule: str, excluded: tuple[d
     payload = (json.dumps(no_best_record(rule, excluded), indent=2) + "\n").encode()
     atomic_write_bytes(output_dir / BEST_JSON, payload)
     (output_dir / best_name).unlink(missing_ok=True)
+
+
+def best_strength(by_strength: dict[float, dict[str, Any]], baseline: Mapping[str, Any] | None,
+                  rule: str = NOT_OVERTRAINED, bounds: Bounds = DEFAULT_BOUNDS) -> float | None:
+    """The LoRA scale the best-checkpoint rule prefers for one checkpoint: the lowest eval_score among its
+    `[eval] strengths` (under "not_overtrained", among the scales no flag excludes). None when none qualifies.
+
+    val_loss is the checkpoint's own at every scale, so only the image signals tell scales apart.
+    """
+    from lora_monitor.policies.overtraining import flags
+
+    scored = [(scale, metrics) for scale, metrics in by_strength.items() if _number(metrics.get(RANKED_BY)) is not None]
+    if rule == NOT_OVERTRAINED:
+        scored = [(scale, m) for scale, m in scored if not flags(m, baseline, [], bounds)]
+    if not scored:
+        return None
+    return min(scored, key=lambda item: (_number(item[1].get(RANKED_BY)), abs(item[0] - 1.0)))[0]

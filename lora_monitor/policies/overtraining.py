@@ -19,7 +19,7 @@ from typing import Any
 from lora_monitor.columns import BASELINE
 
 # Defaults of [best]; the README ("Over-training decisions") says why each is where it is.
-DIVERSITY_FRACTION = 0.5  # flagged when diversity < this × the base model's
+DIVERSITY_FRACTION = 0.25  # flagged when diversity < this × the base model's (README: why)
 HOLDOUT_MARGIN = 0.03  # flagged when clip_t_holdout < the base model's − this (cosine units)
 VAL_LOSS_MARGIN = 0.05  # flagged when val_loss > (1 + this) × its lowest value so far (relative)
 MAX_COPIES = 0  # flagged when more images than this are copies of a training image

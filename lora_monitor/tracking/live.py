@@ -16,10 +16,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from lora_monitor.columns import METRICS
+from lora_monitor.columns import BASELINE, METRICS, SIGNALS
 
-SHOWN = tuple(m.name for m in METRICS)
-SHORT = {m.name: m.short for m in METRICS}
+SHOWN = tuple(m.name for m in (*METRICS, *SIGNALS))
+SHORT = {m.name: m.short for m in (*METRICS, *SIGNALS)}
 EVAL_SECONDS_HEADER = "eval s"  # seconds the checkpoint's evaluation took (generate + score)
 
 
@@ -39,6 +39,7 @@ class LiveView:
         self.console = Console(file=self.stream, highlight=False, soft_wrap=not self.live_mode)
         self.rows: deque[dict[str, Any]] = deque(maxlen=max_rows)
         self.ok_rows: dict[int, dict[str, Any]] = {}  # step -> its ok row: what changes are measured against
+        self.baseline: dict[str, Any] | None = None  # the base model's row: each checkpoint is also read against it
         self.step = 0
         self.total: int | None = None
         self.loss: float | None = None
@@ -138,6 +139,11 @@ class LiveView:
 
     def add_row(self, row: dict[str, Any]) -> None:
         step = self._step_of(row)
+        if row.get("status") == BASELINE:
+            self.baseline = dict(row)
+            values = ", ".join(f"{SHORT[k]} {v:.4f}" for k in SHOWN if (v := _num(row.get(k))) is not None)
+            self._plain(f"baseline (base model, no LoRA): {values}")
+            return
         if row.get("status") == "ok" and step is not None:
             self.ok_rows[step] = row
         self.rows.append(dict(row))
@@ -153,7 +159,21 @@ class LiveView:
                     parts.append(f"{SHORT[key]} {value:.4f}{self._delta(key, value, previous)}")
             note = f" ({row['note']})" if row.get("note") else ""
             versus = f"; changes vs step {previous['step']}" if previous else ""
-            self._plain(f"checkpoint {row['checkpoint']} step {row.get('step')}: {', '.join(parts)}{note}{versus}")
+            base = self.versus_baseline(row)
+            base = f"; vs baseline: {base}" if base else ""
+            self._plain(f"checkpoint {row['checkpoint']} step {row.get('step')}: {', '.join(parts)}{note}{versus}"
+                        f"{base}")
+
+    def versus_baseline(self, row: dict[str, Any]) -> str:
+        """Each metric's change from the base model's value ("" without a baseline row)."""
+        if self.baseline is None:
+            return ""
+        parts = []
+        for key in SHOWN:
+            value, before = _num(row.get(key)), _num(self.baseline.get(key))
+            if value is not None and before is not None:
+                parts.append(f"{SHORT[key]} {value - before:+.4f}")
+        return ", ".join(parts)
 
     def set_best(self, text: str | None) -> None:
         if text and text != self.best:
@@ -201,6 +221,9 @@ class LiveView:
             table.add_column(name, justify="right" if name != "checkpoint" else "left")
         order = sorted(range(len(self.rows)), key=lambda i: (self._step_of(self.rows[i]) is None,
                                                               self._step_of(self.rows[i]) or 0, i))
+        if self.baseline is not None:
+            cells = [f"{v:.4f}" if (v := _num(self.baseline.get(k))) is not None else "" for k in SHOWN]
+            table.add_row("0", Text("baseline (no LoRA)", "cyan"), *cells, str(self.baseline.get("eval_seconds") or ""))
         for row in (self.rows[i] for i in order):
             if row.get("status") in ("failed", "skipped"):
                 table.add_row(str(row.get("step") or ""), row["checkpoint"], Text(str(row.get("note")), "red"))
@@ -218,6 +241,9 @@ class LiveView:
 
     def _render(self) -> Group:
         parts: list[Any] = [self._progress_text(), self._table()]
+        latest = max(self.ok_rows) if self.ok_rows else None
+        if latest is not None and (base := self.versus_baseline(self.ok_rows[latest])):
+            parts.append(Text(f"step {latest} vs baseline: {base}"))
         queue = ", ".join(self.queue) if self.queue else "empty"
         busy = f"evaluating {self.busy}; " if self.busy else ""
         parts.append(Text(f"eval queue: {busy}{queue}"))

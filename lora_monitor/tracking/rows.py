@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lora_monitor.checkpoints.files import read_header
-from lora_monitor.columns import METRIC_NAMES
+from lora_monitor.columns import BASELINE, METRIC_NAMES, SIGNAL_NAMES
 from lora_monitor.events import EvalResult
 from lora_monitor.tracking.tracker import now_iso
 
@@ -27,6 +27,7 @@ class TrainingValues:
     loss: float | None = None
     epoch: int | None = None
     learning_rate: float | None = None
+    val_loss: float | None = None  # kohya's held-out loss in force at the step (its last validation)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -59,6 +60,7 @@ def build_row(result: EvalResult, values: TrainingValues, epoch_hint: int | None
         "epoch": values.epoch,
         "total_loss": float32_decimal(values.loss),
         "learning_rate": float32_decimal(values.learning_rate),
+        "val_loss": float32_decimal(values.val_loss),
         "timestamp": now_iso(),
         "checkpoint": result.checkpoint.name,
         "eval_seconds": round(result.seconds, 3) if result.seconds is not None else None,
@@ -73,8 +75,26 @@ def build_row(result: EvalResult, values: TrainingValues, epoch_hint: int | None
         row["status"] = "failed"
         row["note"] = result.error
         return row
-    row.update({k: v for k, v in result.metrics.items() if k in METRIC_NAMES})
-    row["status"] = "duplicate" if result.note else "ok"
+    row.update(scores(result.metrics))
+    row["status"] = BASELINE if result.baseline else "duplicate" if result.note else "ok"
     row["note"] = result.note
     return row
+
+
+def scores(metrics: dict[str, float]) -> dict[str, Any]:
+    """The metric and signal cells of a row (copies is a count)."""
+    out: dict[str, Any] = {k: v for k, v in metrics.items() if k in METRIC_NAMES or k in SIGNAL_NAMES}
+    if "copies" in out:
+        out["copies"] = int(out["copies"])
+    return out
+
+
+def strength_rows(result: EvalResult) -> list[dict[str, Any]]:
+    """strengths.csv rows of a checkpoint: the 1.0 row's values and each other scale's."""
+    if not result.by_strength or result.error or result.skipped:
+        return []
+    stamp = now_iso()
+    by_scale = {1.0: result.metrics, **result.by_strength}
+    return [{"step": result.step, "checkpoint": result.checkpoint.name, "strength": scale, "timestamp": stamp,
+             **scores(metrics)} for scale, metrics in sorted(by_scale.items())]
 

@@ -33,12 +33,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_row(row: Mapping[str, Any]) -> str:
-    unknown = set(row) - set(COLUMNS)
+def format_row(row: Mapping[str, Any], columns: tuple[str, ...] = COLUMNS) -> str:
+    unknown = set(row) - set(columns)
     if unknown:  # a bug, not user input
         raise KeyError(f"unknown CSV columns: {sorted(unknown)}")
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in COLUMNS])
+    csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in columns])
     return buf.getvalue()
 
 
@@ -49,8 +49,12 @@ class Tracker:
     a CSV with any other header is refused, never overwritten.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = COLUMNS,
+                 previous: tuple[str, ...] | None = PREVIOUS_COLUMNS) -> None:
+        """`columns`: the header; `previous`: an older header this one extends (such a file is upgraded)."""
         self.path = Path(path)
+        self.columns = columns
+        self.previous = previous
         self.rows: list[dict[str, str]] = []
         if self.path.is_dir():
             raise UserError(f"{self.path}: CSV path is a folder; give a file path with --csv or [output] csv")
@@ -61,7 +65,7 @@ class Tracker:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"{self.path.parent}: cannot create the CSV folder ({exc.strerror})") from None
-            self._append(",".join(COLUMNS) + "\n")
+            self._append(",".join(self.columns) + "\n")
 
     def _read_existing(self) -> None:
         try:
@@ -70,11 +74,11 @@ class Tracker:
             raise UserError(f"{self.path}: cannot read the existing CSV ({exc}); move it away") from None
         reader = csv.reader(io.StringIO(text))
         header = next(reader, [])
-        if tuple(header) == PREVIOUS_COLUMNS:
+        if self.previous is not None and tuple(header) == self.previous:
             text = self._upgrade(text)
             reader = csv.reader(io.StringIO(text))
             header = next(reader, [])
-        if tuple(header) != COLUMNS:
+        if tuple(header) != self.columns:
             raise UserError(
                 f"{self.path}: exists with a different header (not a lora-monitor CSV); "
                 "it was left untouched - pass another path with --csv or move the file"
@@ -87,7 +91,7 @@ class Tracker:
                 os.fsync(fh.fileno())
             reader = csv.reader(io.StringIO(keep))
             next(reader, None)
-        self.rows = [dict(zip(COLUMNS, r, strict=False)) for r in reader if r]
+        self.rows = [dict(zip(self.columns, r, strict=False)) for r in reader if r]
 
     def _upgrade(self, text: str) -> str:
         """An older lora-monitor CSV: the same rows under today's header, the new cells empty. Written to a
@@ -97,8 +101,8 @@ class Tracker:
             rows = rows[:-1]  # a row cut short by a crash
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        pad = [""] * (len(COLUMNS) - len(PREVIOUS_COLUMNS))
+        writer.writerow(self.columns)
+        pad = [""] * (len(self.columns) - len(self.previous or ()))
         writer.writerows(r + pad for r in rows if r)
         tmp = self.path.with_name(f".{self.path.name}.upgrade.tmp")
         try:
@@ -139,9 +143,9 @@ class Tracker:
         return {r["checkpoint"] for r in self.rows if r.get("status") != "failed"}
 
     def append(self, row: Mapping[str, Any]) -> dict[str, str]:
-        line = format_row(row)
+        line = format_row(row, self.columns)
         self._append(line)
-        parsed = dict(zip(COLUMNS, next(csv.reader(io.StringIO(line))), strict=True))
+        parsed = dict(zip(self.columns, next(csv.reader(io.StringIO(line))), strict=True))
         self.rows.append(parsed)
         return parsed
 

@@ -436,3 +436,26 @@ def test_merged_generation_matches_the_adapter_and_restores_the_base_exactly(mak
         now = {k.replace(".base_layer", ""): v for k, v in evaluator.pipe.unet.state_dict().items()
                if "lora_" not in k}
         assert all(torch.equal(now[k], v) for k, v in base_weights.items())
+
+
+# ----------------------------------------------------------------------------- baseline and strengths
+def test_baseline_is_the_base_model_and_leaves_it_unchanged(make: Make, loras: Loras) -> None:
+    evaluator = make()
+    base = evaluator.generate_base()
+    with_lora = evaluator.generate(loras["a"])
+    assert not same(base, with_lora)
+    assert same(evaluator.generate_base(), base)  # the LoRA was dropped and the exact base weights remain
+    assert base.seeds == with_lora.seeds and base.prompts == with_lora.prompts
+
+
+def test_strength_scales_the_lora(make: Make, loras: Loras) -> None:
+    evaluator = make()
+    full = evaluator.generate(loras["a"])
+    half = evaluator.at_strength(0.5)
+    assert not same(half, full)
+    assert same(evaluator.at_strength(1.0), full)  # back at 1.0: the checkpoint's own images
+    nothing = evaluator.at_strength(0.0)
+    base = evaluator.generate_base()
+    assert all(np.abs(x.astype(int) - y).max() <= 2 for x, y in zip(pixels(nothing), pixels(base), strict=True))
+    with pytest.raises(RuntimeError, match="needs a LoRA"):
+        evaluator.at_strength(0.5)  # generate_base() unloaded it

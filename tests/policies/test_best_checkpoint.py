@@ -195,8 +195,8 @@ TRAINING = [
     BASELINE_ROW,
     scored(100, 0.50, diversity=0.35),
     scored(200, 0.30, diversity=0.30),
-    scored(300, 0.20, diversity=0.15),  # diversity halved
-    scored(400, 0.10, diversity=0.10, copies=1),
+    scored(300, 0.20, diversity=0.08),  # diversity down to a fifth
+    scored(400, 0.10, diversity=0.05, copies=1),
 ]
 
 
@@ -276,3 +276,26 @@ def test_no_best_says_so_and_takes_down_the_old_best_file(run_dir: Path) -> None
     assert not (run_dir / "a-best.safetensors").exists()
     assert ckpt(run_dir, 10).exists()  # the checkpoint itself stays
     assert leftovers(run_dir) == []
+
+
+BASE_ROW = {"status": "baseline", "step": "0", "checkpoint": "baseline", "diversity": "0.4", "clip_t_holdout": "0.3"}
+
+
+@pytest.mark.parametrize(
+    ("by_strength", "rule", "expected"),
+    [
+        ({1.0: {"eval_score": 0.2}}, "not_overtrained", 1.0),
+        ({0.5: {"eval_score": 0.3}, 1.0: {"eval_score": 0.2}}, "not_overtrained", 1.0),
+        # full strength copies a training image: the rule prefers the clean lower scale
+        ({0.5: {"eval_score": 0.3, "copies": 0}, 1.0: {"eval_score": 0.2, "copies": 2}}, "not_overtrained", 0.5),
+        ({0.5: {"eval_score": 0.3, "copies": 0}, 1.0: {"eval_score": 0.2, "copies": 2}}, "lowest_score", 1.0),
+        ({0.75: {"eval_score": 0.2, "diversity": 0.05}, 1.0: {"eval_score": 0.25}}, "not_overtrained", 1.0),
+        ({1.0: {"eval_score": 0.2, "copies": 1}}, "not_overtrained", None),  # no clean scale
+        ({0.8: {"eval_score": 0.2}, 1.2: {"eval_score": 0.2}}, "not_overtrained", 0.8),  # a tie: nearer 1.0 first
+        ({1.0: {}}, "lowest_score", None),
+    ],
+)
+def test_best_strength(by_strength: dict, rule: str, expected: float | None) -> None:
+    from lora_monitor.policies.best_checkpoint import best_strength
+
+    assert best_strength(by_strength, BASE_ROW, rule) == expected

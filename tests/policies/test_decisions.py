@@ -37,7 +37,7 @@ def test_best_skips_overtrained_checkpoints_and_says_why(tmp_path: Path) -> None
     d = decisions(tmp_path)
     add(d, 0, "baseline", eval_score=0.9, diversity=0.4, copies=0)
     add(d, 100, eval_score=0.5, diversity=0.35, copies=0)
-    verdict = add(d, 200, eval_score=0.2, diversity=0.1, copies=2)
+    verdict = add(d, 200, eval_score=0.2, diversity=0.05, copies=2)
     assert verdict.best_text == ("a-step00000100.safetensors (step 100, eval_score 0.5000); "
                                  "1 excluded as over-trained (copies, diversity)")
     record = best_json(d)
@@ -51,7 +51,7 @@ def test_old_rule_takes_the_lowest_score_and_names_its_flags(tmp_path: Path) -> 
     d = decisions(tmp_path, '[best]\nrule = "lowest_score"\n')
     add(d, 0, "baseline", diversity=0.4)
     add(d, 100, eval_score=0.5, diversity=0.35)
-    verdict = add(d, 200, eval_score=0.2, diversity=0.1)
+    verdict = add(d, 200, eval_score=0.2, diversity=0.05)
     assert verdict.best_text == "a-step00000200.safetensors (step 200, eval_score 0.2000); flagged: diversity"
     assert best_json(d)["checkpoint"] == "a-step00000200.safetensors"
     assert best_json(d)["excluded"] == [] and best_json(d)["flags"][0].startswith("diversity")
@@ -59,7 +59,7 @@ def test_old_rule_takes_the_lowest_score_and_names_its_flags(tmp_path: Path) -> 
 
 def test_a_late_baseline_can_leave_no_clean_checkpoint(tmp_path: Path) -> None:
     d = decisions(tmp_path)
-    add(d, 100, eval_score=0.5, diversity=0.1)  # nothing to compare with yet: clean
+    add(d, 100, eval_score=0.5, diversity=0.05)  # nothing to compare with yet: clean
     assert best_json(d)["checkpoint"] == "a-step00000100.safetensors"
     verdict = add(d, 0, "baseline", diversity=0.4)  # eval-dir adds the base model's row afterwards
     assert verdict.best_text == "none clean - 1 excluded as over-trained (diversity)"
@@ -78,9 +78,9 @@ def test_early_stop_on_overtraining_names_the_flags(tmp_path: Path) -> None:
     add(d, 0, "baseline", diversity=0.4, clip_t_holdout=0.3)
     verdict = add(d, 100, eval_score=0.5, diversity=0.3, clip_t_holdout=0.31)
     assert not verdict.stop and verdict.patience_text == "2 over-trained evaluation(s) left"
-    verdict = add(d, 200, eval_score=0.4, diversity=0.1, clip_t_holdout=0.31)
+    verdict = add(d, 200, eval_score=0.4, diversity=0.05, clip_t_holdout=0.31)
     assert not verdict.stop and verdict.patience_text == "1 over-trained evaluation(s) left"
-    verdict = add(d, 300, eval_score=0.3, diversity=0.1, clip_t_holdout=0.2)
+    verdict = add(d, 300, eval_score=0.3, diversity=0.05, clip_t_holdout=0.2)
     assert verdict.stop and verdict.reason is not None
     assert verdict.reason.startswith("early stop at step 300: over-trained for 2 evaluation(s) in a row")
     assert "diversity" in verdict.reason and "clip_t_holdout" in verdict.reason
@@ -102,11 +102,11 @@ def test_report_lists_the_excluded_checkpoints(tmp_path: Path) -> None:
     d = decisions(tmp_path)
     add(d, 0, "baseline", diversity=0.4)
     add(d, 100, eval_score=0.5, diversity=0.35)
-    add(d, 200, eval_score=0.2, diversity=0.1, copies=1)
+    add(d, 200, eval_score=0.2, diversity=0.05, copies=1)
     page = write_report(d.spec).read_text()
     assert "excluded as over-trained" in page
     assert "a-step00000200.safetensors (step 200, eval_score 0.2): copies 1 &gt; 0" in page
-    assert "diversity 0.100 &lt; 0.5 × baseline 0.400" in page
+    assert "diversity 0.050 &lt; 0.25 × baseline 0.400" in page
 
 
 def test_report_says_when_no_checkpoint_is_clean(tmp_path: Path) -> None:

@@ -26,9 +26,9 @@ NO_SIGNALS = row(0, "baseline")  # an older CSV's row, or a baseline evaluated w
         ({"copies": "1"}, BASE, ["copies"]),
         ({"copies": "3"}, None, ["copies"]),  # a copy needs no baseline
         ({"copies": ""}, BASE, []),
-        ({"diversity": "0.21"}, BASE, []),  # 0.21 >= 0.5 × 0.40
-        ({"diversity": "0.20"}, BASE, []),  # exactly half is not below half
-        ({"diversity": "0.19"}, BASE, ["diversity"]),
+        ({"diversity": "0.11"}, BASE, []),  # 0.11 >= 0.25 × 0.40
+        ({"diversity": "0.10"}, BASE, []),  # exactly a quarter is not below a quarter
+        ({"diversity": "0.09"}, BASE, ["diversity"]),
         ({"diversity": "0.0"}, BASE, ["diversity"]),  # collapse: every seed the same image
         ({"diversity": "0.01"}, None, []),  # nothing to compare with
         ({"diversity": "0.01"}, NO_SIGNALS, []),
@@ -103,18 +103,18 @@ def test_val_loss_margin_is_relative() -> None:
 
 def test_reasons_say_what_and_against_what() -> None:
     history = [row(100, val_loss=0.09)]
-    reasons = flags(row(200, copies=2, diversity=0.1, clip_t_holdout=0.2, val_loss=0.1), BASE, history)
+    reasons = flags(row(200, copies=2, diversity=0.08, clip_t_holdout=0.2, val_loss=0.1), BASE, history)
     assert reasons == [
         "copies 2 > 0 (images closer to a training image than copy_threshold)",
-        "diversity 0.100 < 0.5 × baseline 0.400 (seeds give near-identical images)",
+        "diversity 0.080 < 0.25 × baseline 0.400 (seeds give near-identical images)",
         "clip_t_holdout 0.200 < baseline 0.300 − 0.03 (ignores new prompts)",
         "val_loss 0.1 > 1.05 × its lowest 0.09 (step 100)",
     ]
 
 
 def test_baseline_of_takes_the_latest_and_flag_rows_judges_checkpoints_only() -> None:
-    rows = [row(0, "baseline", diversity=0.1), row(100, diversity=0.15), row(200, "failed"),
-            row(0, "baseline", diversity=0.4), row(300, "duplicate", diversity=0.15), row(400, "skipped")]
+    rows = [row(0, "baseline", diversity=0.1), row(100, diversity=0.08), row(200, "failed"),
+            row(0, "baseline", diversity=0.4), row(300, "duplicate", diversity=0.08), row(400, "skipped")]
     assert baseline_of(rows) is rows[3]
     assert baseline_of(rows[1:3]) is None
     judged = flag_rows(rows)
