@@ -29,6 +29,7 @@ from lora_monitor.evaluation.prompts import Prompt
 from lora_monitor.evaluation.references import load_image
 from lora_monitor.events import CheckpointReady, EvalDisabled, EvalResult, EvalWarning
 from lora_monitor.policies.eval_schedule import EvalQueue
+from lora_monitor.tracking.plan_record import write_plan_record
 
 if TYPE_CHECKING:
     from lora_monitor.evaluation.evaluator import Generated
@@ -83,6 +84,8 @@ def build_models(spec: RunSpec, inputs: Inputs) -> Models:
     plan = build_plan(inputs.prompts, inputs.holdout, config.eval.seeds_per_prompt, config.eval.seed)
     evaluator = Evaluator(pipe, list(plan.prompts), spec.eval_config, spec.output_dir)
     copies = CopyIndex([load_image(p) for p in scorer.reference_paths])
+    # what the report shows beside the generated images: the references used and which prompts are held out
+    write_plan_record(spec.output_dir, scorer.reference_paths, plan)
     strengths = tuple(s for s in dict.fromkeys(config.eval.strengths) if s != 1.0)
     return Models(evaluator=evaluator, scorer=scorer, output_dir=spec.output_dir, warnings=warnings, plan=plan,
                   copies=copies, copy_threshold=config.metrics.copy_threshold, strengths=strengths)

@@ -1,72 +1,35 @@
-"""One self-contained `report.html` per run: curves, image grid, checkpoint table, timings and config.
+"""One self-contained `report.html` per run: summary, the baseline comparison, curves, image grid, strength
+sweep, checkpoint table, timings and config.
 
 The page opens from disk with no server and no network: plots are inline SVG, thumbnails are embedded as
-data URIs, and only the "full size" links point elsewhere (relative paths into the run's eval/ folder).
+data URIs, and only the "full size" links point elsewhere (relative paths into the run's eval/ folder and to
+the reference images). The parts live in report_charts (curves), report_images (grid) and report_tables.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 import math
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pandas as pd
-from matplotlib.figure import Figure
-from PIL import Image
 
-from lora_monitor.columns import LOSS_KEYS, MONITORABLE
+from lora_monitor.columns import BASELINE, STRENGTHS_CSV
 from lora_monitor.policies.best_checkpoint import atomic_write_bytes
-from lora_monitor.run_spec import eval_folder
+from lora_monitor.tracking.report_charts import Marks, curves_svg
+from lora_monitor.tracking.report_images import grid_html
+from lora_monitor.tracking.report_tables import (
+    baseline_table,
+    checkpoint_table,
+    fmt,
+    read_rows,
+    strength_table,
+)
 
 REPORT_NAME = "report.html"
-THUMB_PX = 128  # longest side of an embedded thumbnail, pixels
-TEXT_COLUMNS = ("timestamp", "checkpoint", "status", "note")
-NOT_CURVES = {"step", "epoch", "eval_seconds", "learning_rate", *TEXT_COLUMNS}
-# Panels in this order first; any other numeric column (a metric added later) follows.
-CURVE_ORDER = ("total_loss", "eval_score", *LOSS_KEYS,
-               *(m for m in MONITORABLE if m not in (*LOSS_KEYS, "total_loss", "eval_score")))
-LABELS = {"total_loss": "training loss (total_loss)", "learning_rate": "learning rate"}
-
-
-@dataclass(frozen=True)
-class _Marks:
-    """Steps to mark on every curve; None when unknown."""
-
-    best_step: int | None
-    stop_step: int | None
-
-
-def read_rows(csv_path: Path) -> pd.DataFrame:
-    """The run's CSV with numeric columns as floats (NaN = unknown); an absent or empty file gives no rows."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file() or csv_path.stat().st_size == 0:
-        return pd.DataFrame(columns=["step", "checkpoint", "status"])
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, on_bad_lines="skip")
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame(columns=["step", "checkpoint", "status"])
-    for column in frame.columns:
-        if column not in TEXT_COLUMNS:
-            frame[column] = pd.to_numeric(frame[column].replace("", math.nan), errors="coerce")
-    for column in ("step", "checkpoint", "status"):
-        if column not in frame.columns:
-            frame[column] = math.nan if column == "step" else ""
-    return frame.sort_values("step", kind="stable", na_position="last").reset_index(drop=True)
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
-    return str(value)
+__all__ = ["REPORT_NAME", "build_report", "read_rows"]
 
 
 def _duration(seconds: float) -> str:
@@ -77,205 +40,6 @@ def _duration(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
-
-
-def _curve_columns(frame: pd.DataFrame) -> list[str]:
-    numeric = [c for c in frame.columns if c not in NOT_CURVES and frame[c].notna().any()]
-    ordered = [c for c in CURVE_ORDER if c in numeric] + sorted(c for c in numeric if c not in CURVE_ORDER)
-    if "learning_rate" in frame.columns and frame["learning_rate"].notna().any():
-        ordered.append("learning_rate")
-    return ordered
-
-
-def _title(column: str) -> str:
-    direction = {"min": " - lower is better", "max": " - higher is better"}.get(
-        MONITORABLE.get(column, ""), ""
-    )
-    return LABELS.get(column, column) + direction
-
-
-GREEN, RED, BLUE = "#2e8b57", "#c0392b", "#3b6ea8"
-
-
-def _draw_panel(ax: Any, frame: pd.DataFrame, column: str, marks: _Marks) -> None:
-    """One metric vs step; gids (curve-/best-/stop-<column>) become element ids in the SVG."""
-    known = frame[frame["step"].notna()]
-    # The trainer's own values are valid at every evaluated step, whatever became of the evaluation.
-    points = known if column in ("total_loss", "learning_rate") else known[known["status"] == "ok"]
-    points = points[points[column].notna()]
-    ax.plot(points["step"], points[column], "o-", color=BLUE, ms=3.5, lw=1.4, gid=f"curve-{column}")
-    failed = known[known["status"] == "failed"]
-    if len(failed):  # along the bottom edge: a failed evaluation has no value to place
-        bottom = ax.get_xaxis_transform()
-        ax.plot(
-            failed["step"], [0.03] * len(failed), "x", color=RED, ms=6, transform=bottom, label="eval failed"
-        )
-    if marks.best_step is not None:
-        label = f"best (step {marks.best_step})"
-        ax.axvline(marks.best_step, color=GREEN, lw=1.2, label=label, gid=f"best-{column}")
-        at_best = points[points["step"] == marks.best_step]
-        ax.plot(at_best["step"], at_best[column], "*", color=GREEN, ms=13)
-    if marks.stop_step is not None:
-        label = f"early stop (step {marks.stop_step})"
-        ax.axvline(marks.stop_step, color=RED, ls="--", lw=1.2, label=label, gid=f"stop-{column}")
-    ax.set_title(_title(column), fontsize=10)
-    ax.set_xlabel("step", fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.grid(True, alpha=0.3)
-
-
-def curves_svg(frame: pd.DataFrame, marks: _Marks) -> str | None:
-    """Every curve vs step as one inline <svg> (matplotlib, no pyplot state); None when nothing to plot."""
-    columns = _curve_columns(frame)
-    if not columns or frame["step"].notna().sum() == 0:
-        return None
-    ncols = 1 if len(columns) == 1 else 2
-    nrows = math.ceil(len(columns) / ncols)
-    figure = Figure(figsize=(11, 2.9 * nrows), layout="constrained")
-    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, column in zip(axes, columns, strict=False):
-        _draw_panel(ax, frame, column, marks)
-    for ax in axes[len(columns) :]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[0].legend(handles, labels, fontsize=8, loc="best")
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", metadata={"Date": None})
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE so it nests in HTML
-
-
-def _thumbnail(path: Path) -> tuple[str, int, int] | None:
-    """(data URI, width, height) of an image, its longest side at most THUMB_PX; None if unreadable."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            small = max(image.size) <= THUMB_PX
-            if not small:
-                image.thumbnail((THUMB_PX, THUMB_PX))
-            buffer = io.BytesIO()
-            # Small images as lossless PNG (tiny anyway); larger ones as JPEG to keep the page light.
-            image.save(buffer, format="PNG" if small else "JPEG", quality=85)
-            kind = "png" if small else "jpeg"
-            width, height = image.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return f"data:image/{kind};base64,{base64.b64encode(buffer.getvalue()).decode()}", width, height
-
-
-def _manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("images"), list) else None
-
-
-def _safe_name(name: Any) -> bool:
-    """A plain file name inside the checkpoint's eval folder (the manifest must not point elsewhere)."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-
-
-def _grid_cells(output_dir: Path, stem: str) -> dict[str, str]:
-    """prompt -> <td> for one checkpoint's images."""
-    manifest = _manifest(eval_folder(output_dir, stem))
-    if manifest is None:
-        return {}
-    prompts = manifest.get("prompts") if isinstance(manifest.get("prompts"), list) else []
-    cells: dict[str, str] = {}
-    for index, name in enumerate(manifest["images"]):
-        prompt = str(prompts[index]) if index < len(prompts) else f"prompt {index + 1}"
-        if not _safe_name(name) or prompt in cells:
-            continue
-        thumb = _thumbnail(eval_folder(output_dir, stem) / name)
-        if thumb is None:
-            cells[prompt] = '<td class="missing" title="image missing or unreadable">missing</td>'
-            continue
-        uri, width, height = thumb
-        href = f"eval/{quote(stem)}/{quote(name)}"
-        alt = html.escape(f"{stem} - {prompt}")
-        cells[prompt] = (
-            f'<td><a href="{href}" title="full size"><img src="{uri}" width="{width}" height="{height}" '
-            f'alt="{alt}"></a></td>'
-        )
-    return cells
-
-
-def _grid_head(row: pd.Series, best: bool) -> str:
-    """Column heading: checkpoint stem (full name on hover), step, eval_score, status when not ok."""
-    name = str(row["checkpoint"])
-    lines = ["&#9733; best"] if best else []
-    lines += [html.escape(Path(name).stem), f"step {_fmt(row['step']) or '?'}"]
-    if score := _fmt(row.get("eval_score")):
-        lines.append(f"eval_score {score}")
-    if row["status"] != "ok":
-        lines.append(html.escape(str(row["status"])))
-    return f'<th{" class=best" if best else ""} title="{html.escape(name)}">{"<br>".join(lines)}</th>'
-
-
-def grid_html(output_dir: Path, frame: pd.DataFrame, best_name: str | None) -> str:
-    """A prompts x checkpoints table of thumbnails, each linking to its full-size image."""
-    columns: list[tuple[pd.Series, dict[str, str]]] = []
-    seen: set[str] = set()
-    for _, row in frame.iterrows():
-        name = str(row["checkpoint"])
-        if not name or name in seen:
-            continue
-        seen.add(name)
-        columns.append((row, _grid_cells(output_dir, Path(name).stem)))
-    prompts = list(dict.fromkeys(p for _, cells in columns for p in cells))
-    if not prompts:
-        return '<p class="empty">No generated images found under eval/.</p>'
-    head = ['<th class="prompt">prompt</th>'] + [
-        _grid_head(row, row["checkpoint"] == best_name) for row, _ in columns
-    ]
-    body = []
-    for prompt in prompts:
-        cells = [f'<th class="prompt">{html.escape(prompt)}</th>']
-        for row, by_prompt in columns:
-            status = "no image" if row["status"] == "ok" else str(row["status"] or "no image")
-            note = html.escape(str(row.get("note", "") or status))
-            cells.append(
-                by_prompt.get(prompt, f'<td class="missing" title="{note}">{html.escape(status)}</td>')
-            )
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return (
-        f'<div class="scroll"><table class="grid"><thead><tr>{"".join(head)}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
-
-
-def _checkpoint_table(frame: pd.DataFrame, best_name: str | None) -> str:
-    if frame.empty:
-        return '<p class="empty">No checkpoint has been evaluated yet.</p>'
-    # The note (why an evaluation failed) before the long timestamp, so it shows without scrolling.
-    wanted = [
-        "checkpoint",
-        "step",
-        "epoch",
-        "status",
-        *_curve_columns(frame),
-        "eval_seconds",
-        "note",
-        "timestamp",
-    ]
-    columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    rows = []
-    for _, row in frame.iterrows():
-        classes = [str(row["status"])] + (["best"] if row["checkpoint"] == best_name else [])
-        note = _fmt(row.get("note", ""))
-        cells = ""
-        for column in columns:
-            # The status cell carries the note on hover: the note column itself may be scrolled out of view.
-            title = f' title="{html.escape(note)}"' if column == "status" and note else ""
-            cells += f"<td{title}>{html.escape(_fmt(row[column]))}</td>"
-        rows.append(f'<tr class="{html.escape(" ".join(classes))}">{cells}</tr>')
-    return (
-        f'<div class="scroll"><table class="rows"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
 
 
 def _timing_rows(frame: pd.DataFrame, timings: dict[str, Any] | None) -> list[tuple[str, str]]:
@@ -299,16 +63,19 @@ def _timing_rows(frame: pd.DataFrame, timings: dict[str, Any] | None) -> list[tu
 
 
 def _summary(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str | None) -> str:
-    counts = frame["status"].replace("", "unknown").value_counts() if len(frame) else pd.Series(dtype=int)
+    checkpoints = frame[frame["status"] != BASELINE]
+    counts = checkpoints["status"].replace("", "unknown").value_counts() if len(checkpoints) else pd.Series(dtype=int)
     status = ", ".join(f"{count} {name}" for name, count in counts.items()) or "none yet"
-    items = [f"<dt>checkpoints</dt><dd>{len(frame)} ({html.escape(status)})</dd>"]
+    items = [f"<dt>checkpoints</dt><dd>{len(checkpoints)} ({html.escape(status)})</dd>"]
+    base = "evaluated (step 0, no LoRA)" if (frame["status"] == BASELINE).any() else "none in the CSV"
+    items.append(f"<dt>baseline</dt><dd>{base}</dd>")
     if best and best.get("checkpoint") is None:  # best.json: every checkpoint flagged as over-trained
         items.append(f'<dt>best</dt><dd class="stop">none: {html.escape(str(best.get("rule") or ""))}</dd>')
     elif best:
-        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (best.get("metrics") or {}).items())
+        metrics = ", ".join(f"{k} {fmt(v)}" for k, v in (best.get("metrics") or {}).items())
         items.append(
             f'<dt>best</dt><dd class="best-text">{html.escape(str(best.get("checkpoint", "?")))} '
-            f"(step {html.escape(_fmt(best.get('step')) or '?')})"
+            f"(step {html.escape(fmt(best.get('step')) or '?')})"
             f"{'; ' + html.escape(metrics) if metrics else ''}"
             f"{'<br>rule: ' + html.escape(str(best['rule'])) if best.get('rule') else ''}</dd>"
         )
@@ -323,8 +90,8 @@ def _summary(frame: pd.DataFrame, best: dict[str, Any] | None, early_stop: str |
 def _exclusions(best: dict[str, Any]) -> str:
     """best.json's checkpoints excluded as over-trained, with why, and the best's own flags ("" if none)."""
     entries = [
-        f"<li>{html.escape(str(e.get('checkpoint', '?')))} (step {html.escape(_fmt(e.get('step')) or '?')}, "
-        f"eval_score {html.escape(_fmt(e.get('eval_score')) or '?')}): "
+        f"<li>{html.escape(str(e.get('checkpoint', '?')))} (step {html.escape(fmt(e.get('step')) or '?')}, "
+        f"eval_score {html.escape(fmt(e.get('eval_score')) or '?')}): "
         f"{html.escape('; '.join(map(str, e.get('reasons') or [])))}</li>"
         for e in best.get("excluded") or []
     ]
@@ -334,7 +101,14 @@ def _exclusions(best: dict[str, Any]) -> str:
     return out
 
 
-def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, stop_step: int | None) -> _Marks:
+def _flags(best: dict[str, Any] | None) -> dict[str, list[str]]:
+    """checkpoint -> why the best-checkpoint rule excluded it (best.json "excluded")."""
+    return {str(e.get("checkpoint")): [str(r) for r in e.get("reasons") or []]
+            for e in (best or {}).get("excluded") or [] if isinstance(e, dict) and e.get("checkpoint")}
+
+
+def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, stop_step: int | None) -> Marks:
+    flagged = frame.loc[frame["checkpoint"].isin(list(_flags(best))) & frame["step"].notna(), "step"]
     best_step = None
     if best:
         step = best.get("step")
@@ -343,7 +117,7 @@ def _marks(frame: pd.DataFrame, best: dict[str, Any] | None, stop_step: int | No
         else:
             match = frame[(frame["checkpoint"] == best.get("checkpoint")) & frame["step"].notna()]
             best_step = int(match["step"].iloc[0]) if len(match) else None
-    return _Marks(best_step, stop_step)
+    return Marks(best_step, stop_step, tuple(int(s) for s in flagged))
 
 
 STYLE = """
@@ -356,12 +130,21 @@ dd.stop{color:#c0392b}.best-text{color:#1e6b41}
 th,td{border:1px solid #ddd;padding:4px 6px;vertical-align:top}
 table.rows tr.failed{background:#fdecea}table.rows tr.skipped,table.rows tr.duplicate{color:#777}
 table.rows tr.best{background:#e8f5ec;font-weight:600}table.rows td{white-space:nowrap}
-th{text-align:left}
+table.rows tr.baseline{background:#f2f2f2;font-style:italic}table.rows tr.flagged td:first-child{color:#b9560b}
+th{text-align:left}td.better{color:#1e6b41}td.worse{color:#c0392b}table.vs td{white-space:nowrap}
 table.grid th{font-weight:normal;font-size:12px;text-align:center;min-width:112px;white-space:nowrap}
-table.grid th.best{background:#e8f5ec;outline:2px solid #2e8b57}
+table.grid th.best{background:#e8f5ec;outline:2px solid #2e8b57}table.grid th.baseline{background:#f2f2f2}
+table.grid th.flagged{background:#fdf2e7}.flag{color:#b9560b;font-weight:600}
 table.grid th.prompt{text-align:left;max-width:220px;min-width:140px;white-space:normal}
+table.grid td.seed,table.grid th.seed{color:#777;font-size:11px;min-width:0;vertical-align:middle}
+table.grid tr.group th{text-align:left;background:#f6f8fa;font-weight:600;font-size:13px}
+table.grid tbody.holdout{border-top:3px solid #999}
 table.grid td{text-align:center;padding:2px}table.grid td.missing{color:#aaa;vertical-align:middle}
 table.grid img{width:112px;height:auto;image-rendering:pixelated;display:block;margin:0 auto}
+table.grid th.refs{background:#eef3fa}table.grid td.refs{background:#f7f9fc}
+div.refs{display:flex;flex-wrap:wrap;gap:4px;justify-content:center}div.refs img{margin:0}
+table.strengths td{white-space:nowrap;font-size:12px}td.best-strength{background:#e8f5ec;outline:2px solid #2e8b57}
+table.strengths tr.best th{color:#1e6b41}table.strengths tr.baseline{background:#f2f2f2;font-style:italic}
 svg{max-width:100%;height:auto}pre{background:#f6f8fa;padding:12px;overflow-x:auto;font-size:12px}
 """
 
@@ -395,6 +178,7 @@ def build_report(
     output_dir = Path(output_dir)
     frame = read_rows(csv_path)
     marks = _marks(frame, best, stop_step)
+    flags = _flags(best)
     best_name = str(best["checkpoint"]) if best and best.get("checkpoint") else None
     svg = curves_svg(frame, marks)
     timing_rows = _timing_rows(frame, timings)
@@ -415,13 +199,14 @@ def build_report(
     )
     sections = [
         ("summary", "Summary", _summary(frame, best, early_stop)),
+        ("baseline", "Against the base model (baseline: no LoRA)", baseline_table(frame, best_name)),
         ("curves", "Curves", svg or '<p class="empty">No evaluated checkpoint with a known step yet.</p>'),
-        (
-            "grid",
-            "Images (prompts x checkpoints; click for full size)",
-            grid_html(output_dir, frame, best_name),
-        ),
-        ("checkpoints", "Checkpoints", _checkpoint_table(frame, best_name)),
+        ("grid", "Images (prompts and seeds x checkpoints; click for full size)",
+         grid_html(output_dir, frame, best_name, flags)),
+        ("strengths", "LoRA strengths (eval_score and signals per scale)",
+         strength_table(read_rows(Path(csv_path).with_name(STRENGTHS_CSV)), frame, best_name)),
+        ("checkpoints", "Checkpoints (hover a value: its change against the baseline)",
+         checkpoint_table(frame, best_name, flags)),
         ("timings", "Timings", timing_html),
         ("config", "Config", config_html),
     ]
