@@ -6,6 +6,7 @@ Layout under `workdir`:
     models/tiny-dino/          transformers ViT folder (DINO stand-in)
     data/10_dress/             training images + captions (kohya DreamBooth layout)
     data/prompts.txt           kohya sample-prompt file
+    data-overtrain/            the over-training scenario's data (one image, many repeats), only when asked
 The trainer is the package's own `sd_scripts/train_network.py` (not copied).
 
 Each built folder carries a recipe file; a folder whose recipe matches is reused as is, anything else is
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_monitor.demo.build_cache import build_once
+from lora_monitor.demo.sd_model import VAE_DOWNSCALE
 
 # Bump when a builder's output changes, so existing work folders are rebuilt.
 RECIPE_VERSION = 1
@@ -47,6 +49,7 @@ KOHYA_ARGS: dict[str, Any] = {
     "cache_latents": True,
     "max_data_loader_n_workers": 0,
 }
+EARLY_STOPPING: dict[str, Any] = {"enabled": False, "monitor": "eval_score", "patience": 3}
 EVAL_SETTINGS: dict[str, Any] = {
     "steps": 10,
     "guidance_scale": 1.0,
@@ -67,6 +70,40 @@ class DemoPaths:
     sd_scripts: Path
     kohya_args: dict[str, Any] = field(default_factory=lambda: dict(KOHYA_ARGS))
     eval_settings: dict[str, Any] = field(default_factory=lambda: dict(EVAL_SETTINGS))
+    early_stopping: dict[str, Any] = field(default_factory=lambda: dict(EARLY_STOPPING))
+    scenario: str = "default"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A variant of the demo: its training data and what it changes in the demo's settings."""
+
+    description: str
+    data_dir: str  # the dataset folder under the work folder
+    n_images: int
+    repeats: int
+    pixel_block: int = 1  # > 1: images drawn on the VAE's pixel grid (dataset.draw_on_grid)
+    kohya_args: dict[str, Any] = field(default_factory=dict)  # over KOHYA_ARGS
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # over EARLY_STOPPING
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "default": Scenario("a tiny model learns a red dress; every checkpoint is scored live", "data", N_IMAGES,
+                        REPEATS),
+    # One image, a high learning rate, 400 steps where about 60 do: the LoRA memorises the image, every seed and
+    # prompt draws it, diversity and copy_distance fall, and the over-training flags stop the run.
+    # The image is drawn on the VAE's 4 × 4 pixel grid: the tiny model can only draw such blocks, and the default
+    # dresses' smooth edges already lie 0.17 from their own VAE round trip (Carlini's tiled distance), above the
+    # 0.15 copy threshold, so no generated image could ever count as a copy of one of them.
+    # Measured (2 CPU cores shared with other jobs, load average ~9): clean at steps 20-60, copies and collapsed
+    # diversity from step 80, stopped at step 100 with step 60 the best; 57 s for the whole demo.
+    "overtrain": Scenario(
+        "one training image, trained far past its useful point; over-training stops it",
+        "data-overtrain", 1, 40, pixel_block=VAE_DOWNSCALE,
+        kohya_args={"learning_rate": 1e-3, "max_train_steps": 400, "output_name": "demo_overtrain"},
+        early_stopping={"overtraining": True, "patience": 2},
+    ),
+}
 
 
 def sd_scripts_dir() -> Path:
@@ -74,10 +111,10 @@ def sd_scripts_dir() -> Path:
     return Path(__file__).resolve().parent / "sd_scripts"
 
 
-def build_demo(workdir: Path) -> DemoPaths:
+def build_demo(workdir: Path, scenario: str = "default") -> DemoPaths:
     """Build the demo's models and data in `workdir` (created; parts already built are reused).
 
-    Deterministic: the same code builds the same bytes of weights and images.
+    `scenario`: a key of SCENARIOS. Deterministic: the same code builds the same bytes of weights and images.
     """
     from lora_monitor.demo.dataset import build_dataset, prompts_path
 
@@ -85,6 +122,9 @@ def build_demo(workdir: Path) -> DemoPaths:
     from lora_monitor.demo.scoring_models import build_tiny_dino, build_tiny_fashion_clip
     from lora_monitor.demo.sd_model import build_tiny_sd
 
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown demo scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
+    plan = SCENARIOS[scenario]
     workdir = Path(workdir)
     models = workdir / "models"
     base = build_once(
@@ -93,16 +133,19 @@ def build_demo(workdir: Path) -> DemoPaths:
         lambda d: build_tiny_sd(d, seed=SEED, image_size=IMAGE_SIZE),
     )
     data = build_once(
-        workdir / "data",
+        workdir / plan.data_dir,
         {
             "kind": "dataset",
             "version": RECIPE_VERSION,
             "seed": SEED,
-            "n": N_IMAGES,
+            "n": plan.n_images,
             "size": IMAGE_SIZE,
-            "repeats": REPEATS,
+            "repeats": plan.repeats,
+            # only when set, so the default dataset's recipe (and an existing work folder) stays as it was
+            **({"pixel_block": plan.pixel_block} if plan.pixel_block != 1 else {}),
         },
-        lambda d: build_dataset(d, n=N_IMAGES, size=IMAGE_SIZE, seed=SEED, repeats=REPEATS),
+        lambda d: build_dataset(d, n=plan.n_images, size=IMAGE_SIZE, seed=SEED, repeats=plan.repeats,
+                                block=plan.pixel_block),
     )
     return DemoPaths(
         base_model=base,
@@ -111,4 +154,7 @@ def build_demo(workdir: Path) -> DemoPaths:
         fashion_clip=build_tiny_fashion_clip(models / "tiny-fashion-clip"),
         dino=build_tiny_dino(models / "tiny-dino"),
         sd_scripts=sd_scripts_dir(),
+        kohya_args={**KOHYA_ARGS, **plan.kohya_args},
+        early_stopping={**EARLY_STOPPING, **plan.early_stopping},
+        scenario=scenario,
     )

@@ -117,21 +117,34 @@ def prompt_lines(size: int, steps: int = 10, cfg: float = 1.0) -> list[str]:
     ]
 
 
-def build_dataset(dir: Path, n: int = 8, size: int = 64, seed: int = 0, repeats: int = 10) -> Path:
+def draw_on_grid(pose: DressPose, size: int, block: int) -> Image.Image:
+    """The dress drawn at size / block px, each pixel then repeated block × block times.
+
+    The demo's VAE encodes 4 × 4 pixel blocks into one latent and decodes by repeating pixels, so the tiny
+    model can only ever draw images made of such blocks; a dress drawn on that grid is one it can copy exactly.
+    """
+    return draw_dress(pose, size // block).resize((size, size), Image.Resampling.NEAREST)
+
+
+def build_dataset(dir: Path, n: int = 8, size: int = 64, seed: int = 0, repeats: int = 10, block: int = 1) -> Path:
     """Write `n` images of `size` px and captions under `dir/<repeats>_dress/`, plus `dir/prompts.txt`.
 
     Returns `dir`, kohya's `--train_data_dir` (kohya reads only its sub-folders, so the prompt file
-    beside them is ignored by training). Deterministic for a given `seed`.
+    beside them is ignored by training). Deterministic for a given `seed`. `block` > 1: each image is drawn
+    on a grid of block × block pixel squares (`draw_on_grid`).
     """
     if n < 1 or size < 16:
         raise ValueError(f"need n >= 1 and size >= 16 px, got n={n}, size={size}")
+    if block < 1 or size % block or size // block < 8:
+        raise ValueError(f"block = {block} must divide size = {size} into at least 8 squares a side")
     dir = Path(dir)
     sub = dir / f"{repeats}_{CLASS_TOKEN}"
     sub.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(n):
         pose = random_pose(rng)
-        draw_dress(pose, size).save(sub / f"img_{i:03d}.png", optimize=False)
+        image = draw_dress(pose, size) if block == 1 else draw_on_grid(pose, size, block)
+        image.save(sub / f"img_{i:03d}.png", optimize=False)
         (sub / f"img_{i:03d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)] + "\n", encoding="utf-8")
     header = [
         "# lora-monitor demo sample prompts (kohya format):",

@@ -50,24 +50,26 @@ def demo_config_text(paths: Any, workdir: Path) -> str:
     eval_section = {"prompts": rel(paths.prompts), "references": rel(paths.train_data_dir), "batch_size": 4,
                     **paths.eval_settings}
     metrics = {"fashion_clip_model": rel(paths.fashion_clip), "visual_model": rel(paths.dino)}
-    header = (
-        "# lora-monitor demo: a tiny model learns a red dress; every checkpoint is scored live.\n"
-        "# Paths are relative to this file.\n\n"
-    )
+    from lora_monitor.demo.build import SCENARIOS
+
+    header = f"# lora-monitor demo: {SCENARIOS[paths.scenario].description}.\n# Paths are relative to this file.\n\n"
     return (
         header
         + _table("kohya", {"sd_scripts": str(paths.sd_scripts), "stop_grace_s": 10.0})
         + "\n" + _table("kohya.args", args)
         + "\n" + _table("eval", eval_section)
         + "\n" + _table("metrics", metrics)
-        + "\n" + _table("early_stopping", {"enabled": False, "monitor": "eval_score", "patience": 3})
+        + "\n" + _table("early_stopping", paths.early_stopping)
         # lora-monitor's metrics beside kohya's loss in TensorBoard
         + "\n" + _table("output", {"report": True, "tensorboard": True})
     )
 
 
-def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print) -> Path:
-    """Build (or reuse) the demo in `workdir` and return its config.toml. A finished run's output is moved aside."""
+def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print, scenario: str = "default") -> Path:
+    """Build (or reuse) the demo in `workdir` and return its config.toml. A finished run's output is moved aside.
+
+    `scenario`: a key of `build.SCENARIOS` ("default", or "overtrain": one image trained far too long).
+    """
     from lora_monitor.demo.build import build_demo
     from lora_monitor.evaluation.worker import quiet_libraries
 
@@ -76,8 +78,9 @@ def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print) -> P
         workdir = Path(tempfile.mkdtemp(prefix="lora-monitor-demo-", dir=Path.cwd()))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    echo(f"building the offline demo in {workdir}")
-    paths = build_demo(workdir)
+    label = "" if scenario == "default" else f" (scenario {scenario})"
+    echo(f"building the offline demo{label} in {workdir}")
+    paths = build_demo(workdir, scenario)
     config = workdir / "config.toml"
     config.write_text(demo_config_text(paths, workdir), encoding="utf-8")
     output = workdir / "output"
