@@ -102,11 +102,16 @@ def eval_dir(
 @click.argument("images_dir", type=click.Path(path_type=Path))
 @click.option("--references", type=click.Path(path_type=Path), required=True, help="Reference images folder.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config ([metrics]).")
-@click.option("--prompts", type=click.Path(path_type=Path), help="Prompts (one per image, in file order) for clip_t.")
+@click.option("--prompts", type=click.Path(path_type=Path),
+              help="Prompts, one per image in the images' sorted order: clip_t, and one diversity group per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
 def score(images_dir: Path, references: Path, config_path: Path | None, prompts: Path | None, as_json: bool) -> None:
-    """Score a folder of images against reference images with the same metric code."""
+    """Score a folder of images against reference images with the same metric code.
+
+    Also diversity (among the images of each prompt; all images one group without --prompts) and
+    copy_distance/copies (the nearest an image comes to a reference; [metrics] copy_threshold).
+    """
     from lora_monitor.evaluation.scoring import score_folder
 
     config = _config(config_path)
@@ -115,6 +120,8 @@ def score(images_dir: Path, references: Path, config_path: Path | None, prompts:
         click.echo(json.dumps(result, sort_keys=True))
     else:
         for key, value in result.items():
+            if key == "diversity" and value is None:
+                value = "n/a (no prompt has two images)"
             click.echo(f"{key:>18}: {value}")
 
 
@@ -134,14 +141,16 @@ def report(folder: Path, config_path: Path | None, csv_path: Path | None) -> Non
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), help="Folder to build the demo in (default: a new one).")
+@click.option("--scenario", type=click.Choice(["default", "overtrain"]), default="default", show_default=True,
+              help="overtrain: one training image trained far past its useful point, stopped as over-trained.")
 @_user_errors
-def demo(workdir: Path | None) -> None:
+def demo(workdir: Path | None, scenario: str) -> None:
     """Build the offline demo (tiny model, toy garments, config) and run `train` on it."""
     from lora_monitor.demo.run import prepare_demo
     from lora_monitor.run_spec import train_spec
     from lora_monitor.train_loop import run_train
 
-    config_path = prepare_demo(workdir, echo=lambda m: click.echo(f"[lora-monitor] {m}"))
+    config_path = prepare_demo(workdir, echo=lambda m: click.echo(f"[lora-monitor] {m}"), scenario=scenario)
     config = load_config(config_path)
     with _view() as view:
         code = run_train(config, view)
