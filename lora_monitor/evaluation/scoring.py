@@ -1,4 +1,10 @@
-"""`lora-monitor score`: the same metric code over any folder of images (kohya's samples, another tool's)."""
+"""`lora-monitor score`: the same metric code over any folder of images (kohya's samples, another tool's).
+
+Besides the metrics it gives two of the over-training signals, computed as for a checkpoint's images:
+`diversity` among the images of each prompt (the `--prompts` lines, one per image: images whose lines have the
+same prompt text are one group, e.g. one prompt at several seeds; without prompts, all images are one group),
+and `copy_distance`/`copies` against the references (`[metrics] copy_threshold`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ from lora_monitor.evaluation.prompts import load_prompts
 
 
 def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts_file: Path | None) -> dict[str, Any]:
-    """Score every image in `images_dir` against `references_dir`; prompts (in file order) enable clip_t."""
+    """Score every image in `images_dir` against `references_dir`; prompts (in file order) enable clip_t and
+    group the images for diversity. diversity is None when no group has two images."""
+    from lora_monitor.evaluation.diversity import diversity
+    from lora_monitor.evaluation.memorisation import CopyIndex, count_copies
     from lora_monitor.evaluation.metrics import Scorer
     from lora_monitor.evaluation.references import find_reference_images, load_image
 
@@ -45,6 +54,12 @@ def score_folder(config: Config, images_dir: Path, references_dir: Path, prompts
                     weights=dict(config.metrics.weights), cache_dir=config.metrics.cache_dir)
     warnings = scorer.set_references(references)
     result: dict[str, Any] = dict(scorer.score(images, prompts))
+    groups = prompts if prompts is not None else [""] * len(images)
+    result["diversity"] = diversity(scorer.embed_visual(images), groups)
+    # the references the metrics used (unreadable ones were skipped with a warning)
+    distances = CopyIndex([load_image(p) for p in scorer.reference_paths]).distances(images)
+    result.update(copy_distance=min(distances), copies=count_copies(distances, config.metrics.copy_threshold),
+                  copy_threshold=config.metrics.copy_threshold)
     result.update(n_images=len(images), n_references=len(scorer.reference_paths),
                   skipped=skipped + list(warnings))
     return result

@@ -90,3 +90,93 @@ def test_score_skips_an_unreadable_image_and_scores_the_rest(tmp_path: Path, dem
     data = json.loads(result.stdout)
     assert data["n_images"] == 2
     assert any("2.png" in s and "cannot read image" in s for s in data["skipped"])
+
+
+# -- over-training signals: diversity (grouped by prompt) and copy_distance / copies --------------------------
+
+
+def _score(folder: Path, refs: Path, config: Path, *extra: str) -> dict:
+    result = CliRunner().invoke(main, ["score", str(folder), "--references", str(refs), "--config", str(config),
+                                       "--json", *extra])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _blue(path: Path) -> Image.Image:
+    r, g, b = Image.open(path).convert("RGB").split()
+    return Image.merge("RGB", (b, g, r))  # the red dress turned blue: the same cut, far in pixels
+
+
+def test_score_copies_of_a_reference_are_copies_with_no_diversity(tmp_path: Path, demo_assets) -> None:
+    config = write_config(tmp_path, demo_assets)
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    first = _images(demo_assets)[0]
+    for i in range(3):
+        shutil.copy(first, folder / f"{i}.png")
+    data = _score(folder, Path(demo_assets.train_data_dir), config)
+    assert data["diversity"] is not None and abs(data["diversity"]) < 1e-5  # one group, identical images
+    assert data["copy_distance"] < 1e-6
+    assert data["copies"] == 3 and data["copy_threshold"] == 0.15
+
+
+def test_score_other_garments_are_not_copies_and_vary(tmp_path: Path, demo_assets) -> None:
+    config = write_config(tmp_path, demo_assets)
+    folder = tmp_path / "blue"
+    folder.mkdir()
+    for i, path in enumerate(_images(demo_assets)[:4]):
+        _blue(path).save(folder / f"{i}.png")
+    data = _score(folder, Path(demo_assets.train_data_dir), config)
+    assert data["copies"] == 0
+    assert data["copy_distance"] > 0.15
+    assert data["diversity"] > 0
+
+
+def test_score_diversity_groups_images_by_prompt_line(tmp_path: Path, demo_assets) -> None:
+    """Images 0, 1 are one drawing and 2, 3 another: within each prompt nothing varies, across them it does."""
+    config = write_config(tmp_path, demo_assets)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    images = _images(demo_assets)
+    for i, source in enumerate([images[0], images[0], images[1], images[1]]):
+        _blue(source).save(folder / f"{i}.png")
+    grouped = tmp_path / "grouped.txt"
+    grouped.write_text("a blue dress --d 1\na blue dress --d 2\nanother blue dress --d 1\nanother blue dress --d 2\n")
+    crossed = tmp_path / "crossed.txt"  # each prompt gets one image of each drawing
+    crossed.write_text("a blue dress\nanother blue dress\na blue dress\nanother blue dress\n")
+    assert abs(_score(folder, Path(demo_assets.train_data_dir), config, "--prompts", str(grouped))["diversity"]) < 1e-5
+    assert _score(folder, Path(demo_assets.train_data_dir), config, "--prompts", str(crossed))["diversity"] > 1e-3
+    assert _score(folder, Path(demo_assets.train_data_dir), config)["diversity"] > 1e-3  # no prompts: one group
+
+
+def test_score_diversity_is_empty_when_no_prompt_has_two_images(tmp_path: Path, demo_assets) -> None:
+    config = write_config(tmp_path, demo_assets)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i, path in enumerate(_images(demo_assets)[:2]):
+        shutil.copy(path, folder / f"{i}.png")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red dress\na red dress, sks style\n")
+    assert _score(folder, Path(demo_assets.train_data_dir), config, "--prompts", str(prompts))["diversity"] is None
+    result = CliRunner().invoke(main, ["score", str(folder), "--references", str(demo_assets.train_data_dir),
+                                       "--config", str(config), "--prompts", str(prompts)])
+    assert result.exit_code == 0, result.stderr
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in result.stdout.splitlines()}
+    assert lines["diversity"].startswith("n/a")
+    assert lines["copies"] == "2" and float(lines["copy_distance"]) < 1e-6
+
+
+def test_score_copies_follow_the_configured_threshold(tmp_path: Path, demo_assets) -> None:
+    """A JPEG re-encode of a reference is a copy at the default threshold, not at a far stricter one."""
+    config = write_config(tmp_path, demo_assets)
+    folder = tmp_path / "jpeg"
+    folder.mkdir()
+    Image.open(_images(demo_assets)[0]).convert("RGB").save(folder / "0.jpg", quality=75)
+    data = _score(folder, Path(demo_assets.train_data_dir), config)
+    assert data["copies"] == 1 and 0 < data["copy_distance"] < 0.15
+    strict = tmp_path / "strict.toml"
+    text = config.read_text()
+    assert "[metrics]\n" in text
+    strict.write_text(text.replace("[metrics]\n", f"[metrics]\ncopy_threshold = {data['copy_distance'] / 2}\n"))
+    again = _score(folder, Path(demo_assets.train_data_dir), strict)
+    assert again["copies"] == 0 and again["copy_distance"] == data["copy_distance"]
