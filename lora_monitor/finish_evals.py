@@ -82,8 +82,10 @@ def finish_evaluations(run: Run) -> None:
         queued = [r.path.name for r in worker.pending()]
         each = seconds_each(run.state.tracker.rows)
         left = seconds_left(each, len(queued), time.monotonic() - since) if in_hand else None
-        view.set_status(waiting_text(in_hand.name if in_hand else None, queued, seen >= 1), countdown(left))
         skip = caught.count > seen
+        if in_hand is None and not queued and worker.models is not None:
+            continue  # the last result is in; the thread is only ending: nothing to announce
+        view.set_status(waiting_text(in_hand.name if in_hand else None, queued, seen >= 1), countdown(left))
     if skip and worker.alive():
         _skip_queue(run)
     view.set_status(None)

@@ -126,7 +126,7 @@ bar.close()
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_monitor.demo.sdxl_model import build_tiny_sdxl
+    from tests.sdxl_model import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
 

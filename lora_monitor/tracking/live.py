@@ -20,7 +20,13 @@ from lora_monitor.columns import BASELINE, METRICS, SIGNALS
 
 SHOWN = tuple(m.name for m in (*METRICS, *SIGNALS))
 SHORT = {m.name: m.short for m in (*METRICS, *SIGNALS)}
+COUNTS = ("copies",)
 EVAL_SECONDS_HEADER = "eval s"  # seconds the checkpoint's evaluation took (generate + score)
+
+
+def _fmt(key: str, value: float, sign: str = "") -> str:
+    """4 decimals; a count (copies) as a whole number."""
+    return f"{value:{sign}.0f}" if key in COUNTS else f"{value:{sign}.4f}"
 
 
 def _num(value: Any) -> float | None:
@@ -141,7 +147,7 @@ class LiveView:
         step = self._step_of(row)
         if row.get("status") == BASELINE:
             self.baseline = dict(row)
-            values = ", ".join(f"{SHORT[k]} {v:.4f}" for k in SHOWN if (v := _num(row.get(k))) is not None)
+            values = ", ".join(f"{SHORT[k]} {_fmt(k, v)}" for k in SHOWN if (v := _num(row.get(k))) is not None)
             self._plain(f"baseline (base model, no LoRA): {values}")
             return
         if row.get("status") == "ok" and step is not None:
@@ -156,7 +162,7 @@ class LiveView:
             for key in SHOWN:
                 value = _num(row.get(key))
                 if value is not None:
-                    parts.append(f"{SHORT[key]} {value:.4f}{self._delta(key, value, previous)}")
+                    parts.append(f"{SHORT[key]} {_fmt(key, value)}{self._delta(key, value, previous)}")
             note = f" ({row['note']})" if row.get("note") else ""
             versus = f"; changes vs step {previous['step']}" if previous else ""
             base = self.versus_baseline(row)
@@ -172,7 +178,7 @@ class LiveView:
         for key in SHOWN:
             value, before = _num(row.get(key)), _num(self.baseline.get(key))
             if value is not None and before is not None:
-                parts.append(f"{SHORT[key]} {value - before:+.4f}")
+                parts.append(f"{SHORT[key]} {_fmt(key, value - before, '+')}")
         return ", ".join(parts)
 
     def set_best(self, text: str | None) -> None:
@@ -197,7 +203,7 @@ class LiveView:
     @staticmethod
     def _delta(key: str, value: float, previous: dict[str, Any] | None) -> str:
         before = _num(previous.get(key)) if previous else None
-        return f" ({value - before:+.4f})" if before is not None else ""
+        return f" ({_fmt(key, value - before, '+')})" if before is not None else ""
 
     def _progress_text(self) -> Text:
         total = self.total or 0
@@ -222,7 +228,7 @@ class LiveView:
         order = sorted(range(len(self.rows)), key=lambda i: (self._step_of(self.rows[i]) is None,
                                                               self._step_of(self.rows[i]) or 0, i))
         if self.baseline is not None:
-            cells = [f"{v:.4f}" if (v := _num(self.baseline.get(k))) is not None else "" for k in SHOWN]
+            cells = [_fmt(k, v) if (v := _num(self.baseline.get(k))) is not None else "" for k in SHOWN]
             table.add_row("0", Text("baseline (no LoRA)", "cyan"), *cells, str(self.baseline.get("eval_seconds") or ""))
         for row in (self.rows[i] for i in order):
             if row.get("status") in ("failed", "skipped"):
@@ -232,7 +238,7 @@ class LiveView:
             cells = []
             for key in SHOWN:
                 value = _num(row.get(key))
-                cells.append("" if value is None else f"{value:.4f}{self._delta(key, value, previous)}")
+                cells.append("" if value is None else f"{_fmt(key, value)}{self._delta(key, value, previous)}")
             name = Text(row["checkpoint"])
             if row.get("status") == "duplicate":  # kohya saved these weights twice: not generated again
                 name.append(f" (duplicate: {str(row.get('note') or '').split(';')[0]})", "dim")
