@@ -103,3 +103,28 @@ def test_watch_evaluates_new_files_until_ctrl_c(tmp_path: Path, demo_assets) -> 
     frame = pd.read_csv(csv_path)
     assert list(frame["checkpoint"]) == ["demo_dress-step00000010.safetensors", "demo_dress-step00000020.safetensors"]
     assert list(frame["status"]) == ["ok", "ok"]
+
+
+def test_strengths_and_signals_turned_off(tmp_path: Path, demo_assets) -> None:
+    """[eval] strengths = [0.5, 1.0] fills strengths.csv and best_strength; seeds_per_prompt = 1 and
+    holdout = false leave diversity and clip_t_holdout empty (nothing generated for them)."""
+    from tests.conftest import cli
+
+    out = _short_training(tmp_path / "output", demo_assets, steps=20)
+    config = write_config(tmp_path, demo_assets,
+                          eval_={"strengths": [0.5, 1.0], "seeds_per_prompt": 1, "holdout": False})
+    result = cli("eval-dir", str(out), "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = pd.read_csv(out / "loss_tracker.csv")
+    ok = rows[rows["status"] == "ok"].set_index("checkpoint")
+    assert len(ok) >= 2
+    assert ok["diversity"].isna().all() and ok["clip_t_holdout"].isna().all()
+    assert ok["copy_distance"].notna().all() and set(ok["best_strength"]) <= {0.5, 1.0}
+    strengths = pd.read_csv(out / "strengths.csv")
+    assert sorted(strengths["strength"].unique()) == [0.5, 1.0]
+    for name, row in ok.iterrows():
+        mine = strengths[strengths["checkpoint"] == name].set_index("strength")
+        assert mine.loc[1.0, "eval_score"] == pytest.approx(row["eval_score"], abs=1e-9)  # the CSV row is 1.0
+        assert mine.loc[0.5, "eval_score"] != pytest.approx(row["eval_score"], abs=1e-6)  # the scale matters
+    images = sorted(p.name for p in (out / "eval" / Path(ok.index[0]).stem).glob("*.png"))
+    assert len(images) == len(sorted((out / "eval" / "baseline").glob("*.png"))) == 4  # one per prompt
