@@ -37,7 +37,7 @@ from lora_monitor.checkpoints.files import NotALoraError
 
 log = logging.getLogger(__name__)
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")  # te3: FLUX/SD3 T5
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # OneTrainer bundles textual-inversion vectors for its placeholder tokens into the LoRA file
 BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
@@ -56,7 +56,6 @@ _UNSUPPORTED = (
     (".magnitude", "a DoRA (weight-decomposed LoRA)"),
     (".lora_magnitude_vector", "a DoRA (weight-decomposed LoRA)"),
     ("lora_transformer_", "a LoRA for a transformer model (Flux / SD3), not SD 1.x / SDXL"),
-    ("lora_te3_", "a LoRA for SD3 (third text encoder), not SD 1.x / SDXL"),
 )
 _UNSUPPORTED_DETAIL = {
     "a DoRA (weight-decomposed LoRA)": "diffusers' SD/SDXL loaders drop the DoRA magnitude",
@@ -378,15 +377,23 @@ def injected_modules(pipe: Any, adapter_name: str) -> dict[str, int]:
 
 
 def verify_applied(pipe: Any, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
-    """NotALoraError unless every LoRA module of the normalised `state` was injected into `pipe`.
+    """NotALoraError unless every LoRA module of the normalised `state` reached its layers of `pipe` (by name,
+    coverage.py), naming those that did not.
 
     diffusers skips LoRA modules whose layer the base model lacks (a LoRA for another base) without an
     error as long as one module matches; this makes that visible.
     """
-    expected, got = lora_modules(state), injected_modules(pipe, adapter_name)
-    if expected != got:
-        raise NotALoraError(f"only part of the LoRA fits this base model: {got or 'nothing'} of {expected} "
-                            "modules applied (a LoRA for another base model?)")
+    from lora_monitor.checkpoints import coverage
+    from lora_monitor.families import pipeline_family
+
+    unet = getattr(pipe, "unet", None)
+    per_block = unet.config.layers_per_block if unet is not None else SD_LAYERS_PER_BLOCK
+    expected = coverage.expected_targets(state, pipeline_family(pipe), per_block)
+    models = {c: m for c in COMPONENTS if (m := getattr(pipe, c, None)) is not None}
+    missing = coverage.left_over(expected, coverage.adapted_targets(models, adapter_name))
+    if missing:
+        raise NotALoraError(f"only part of the LoRA fits this base model: {len(missing)} of {len(expected)} "
+                            f"modules not applied ({coverage.name_some(missing)}); a LoRA for another base model?")
 
 
 def describe_lora(state: dict[str, torch.Tensor]) -> str:

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lora_monitor.checkpoints import coverage, flux_keys
 from lora_monitor.checkpoints.files import NotALoraError, lora_format, read_header
 from lora_monitor.checkpoints.formats import normalize_lora_state
 from lora_monitor.config import SCHEDULERS, EvalConfig
 from lora_monitor.errors import EvalError, UserError
 from lora_monitor.evaluation.prompts import Prompt
+from lora_monitor.families import family_of_keys, family_of_lora, mismatch, pipeline_family
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
+def _load_lora_state(path: Path, base_family: str | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA of `path` in the form diffusers reads; EvalError (reason) for a file that is none, or that is
+    for another model family than `base_family` (its metadata, else its key layout, says which)."""
     from safetensors.torch import load_file
 
     try:
@@ -210,6 +214,8 @@ def _load_lora_state(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
         raise EvalError(f"corrupt safetensors file ({_first_line(exc)})") from None
+    if base_family and (note := mismatch(family_of_lora(state, header.metadata), base_family)):
+        raise EvalError(note)
     try:
         # kohya, diffusers/peft, ai-toolkit and OneTrainer layouts -> what diffusers' loader reads
         return normalize_lora_state(state, header.metadata)
@@ -254,16 +260,6 @@ def _quiet_loaders() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _modules_with_adapter(model: torch.nn.Module, name: str) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(
-        1
-        for m in model.modules()
-        if isinstance(m, BaseTunerLayer) and any(name in getattr(m, a, {}) for a in m.adapter_layer_names)
-    )
-
-
 # ------------------------------------------------------------------------------------------ evaluator
 GroupKey = tuple[int, int, int, float, str]
 
@@ -280,6 +276,7 @@ class Evaluator:
         self.cfg = cfg
         self.out_root = Path(out_root)
         self.device: torch.device = pipe._execution_device
+        self.family = pipeline_family(pipe)  # 'sd', 'sdxl', 'flux': how LoRA names map to its modules
         self.batch_size = cfg.batch_size  # halved for the rest of the run after an out-of-memory error
         self._counter = 0
         self._adapter: str | None = None
@@ -323,7 +320,7 @@ class Evaluator:
     def generate(self, path: Path) -> Generated:
         """Swap this checkpoint's LoRA in and generate every prompt. Raises EvalError with the reason."""
         started = time.perf_counter()
-        state = _load_lora_state(Path(path))
+        state = _load_lora_state(Path(path), self.family)
         self.swap_in(state)
         self._te_lora = touches_text_encoder(list(state))
         return self._generate(1.0, time.perf_counter() - started)
@@ -364,21 +361,31 @@ class Evaluator:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure: fall back to a clean reload
                 log.debug("LoRA hotswap failed (%s); reloading", _first_line(exc))
+        if note := mismatch(family_of_keys(state), self.family):
+            raise EvalError(note)
         self.unload()
         self._counter += 1
         name = f"ckpt{self._counter}"
+        loadable = dict(state)
+        if self.family == "flux" and flux_keys.is_kohya_flux(list(state)):
+            loadable = flux_keys.to_diffusers(state)  # diffusers' own converter assumes FLUX.1's full width
         try:
             with _quiet_loaders():
-                self.pipe.load_lora_weights(dict(state), adapter_name=name)
+                self.pipe.load_lora_weights(loadable, adapter_name=name)
         except Exception as exc:  # noqa: BLE001 - diffusers/peft raise many types for a bad LoRA
             self._drop(name)
             raise EvalError(_load_failure(exc)) from None
-        expected, found = lora_layer_count(list(state)), self._adapter_layers(name)
-        if found < expected:
+        # every module of the file must reach its layers: diffusers skips unmatched ones without an error
+        unet = getattr(self.pipe, "unet", None)
+        per_block = unet.config.layers_per_block if unet is not None else 2
+        per_block = per_block if isinstance(per_block, int) else 2  # a per-level tuple: no SD/SDXL checkpoint
+        expected = coverage.expected_targets(state, self.family, per_block)
+        missing = coverage.left_over(expected, coverage.adapted_targets(self._components(), name))
+        if missing:
             self._drop(name)
             raise EvalError(
-                f"does not fit the base model: only {found} of its {expected} LoRA layers match a layer of "
-                "the base model (a LoRA for another architecture?)"
+                f"does not fit the base model: {len(missing)} of its {len(expected)} LoRA modules reach no layer "
+                f"of the base model ({coverage.name_some(missing)}); a LoRA for another architecture?"
             )
         self._adapter, self._adapter_sig = name, sig
 
@@ -389,12 +396,13 @@ class Evaluator:
             self._drop(self._adapter)
         self._adapter = self._adapter_sig = None
 
-    def _models(self) -> list[torch.nn.Module]:
-        names = ("unet", "text_encoder", "text_encoder_2")
-        return [m for n in names if isinstance(m := getattr(self.pipe, n, None), torch.nn.Module)]
+    def _components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's models a LoRA can change, by component name."""
+        names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return {n: m for n in names if isinstance(m := getattr(self.pipe, n, None), torch.nn.Module)}
 
-    def _adapter_layers(self, name: str) -> int:
-        return sum(_modules_with_adapter(m, name) for m in self._models())
+    def _models(self) -> list[torch.nn.Module]:
+        return list(self._components().values())
 
     def _drop(self, name: str) -> None:
         listed = {n for names in self.pipe.get_list_adapters().values() for n in names}

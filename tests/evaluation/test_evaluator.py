@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import gc
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_monitor.checkpoints import coverage
 from lora_monitor.config import EvalConfig
 from lora_monitor.demo.sd_model import build_tiny_sd
 from lora_monitor.errors import EvalError, UserError
@@ -459,3 +461,83 @@ def test_strength_scales_the_lora(make: Make, loras: Loras) -> None:
     assert all(np.abs(x.astype(int) - y).max() <= 2 for x, y in zip(pixels(nothing), pixels(base), strict=True))
     with pytest.raises(RuntimeError, match="needs a LoRA"):
         evaluator.at_strength(0.5)  # generate_base() unloaded it
+
+
+# ------------------------------------------------------------------------- every module applied, by name
+FAMILY_FIXTURES = Path(__file__).parent.parent / "fixtures" / "kohya-families"
+
+
+def _with_extra_modules(state: dict, names: list[str]) -> dict:
+    """`state` plus kohya modules of the same shapes as its first one, under names the base model lacks."""
+    first = next(k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight"))
+    extra = dict(state)
+    for name in names:
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            if first + suffix in state:
+                extra[name + suffix] = state[first + suffix].clone()
+    return extra
+
+
+def test_sd1_fixture_from_kohya_is_applied_module_by_module(make: Make) -> None:
+    """kohya's own SD1 file (UNet mid block at SD1.5's 1280 channels + a tiny CLIP): all 24 modules applied."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = FAMILY_FIXTURES / "sd1"
+    clip = json.loads((folder / "model.json").read_text())["text_encoders"]["clip_l"]["CLIPTextConfig"]
+    unet_config = {"sample_size": 8, "block_out_channels": (1280,), "layers_per_block": 1,
+                   "down_block_types": ("DownBlock2D",), "up_block_types": ("UpBlock2D",),
+                   "cross_attention_dim": 768, "attention_head_dim": 8}
+    with torch.device("meta"):  # SD1.5's mid block is 1280 wide; the weights' values do not matter here
+        unet = UNet2DConditionModel.from_config(unet_config)
+    evaluator = make()
+    evaluator.pipe.unet = unet.to_empty(device="cpu")
+    evaluator.pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
+    state = ev._load_lora_state(folder / "tiny-step00000004.safetensors", evaluator.family)
+    evaluator.swap_in(state)
+    layers = sum(len(t) for t in coverage.expected_targets(state, "sd").values())
+    assert len(coverage.adapted_targets(evaluator._components(), evaluator._adapter)) == layers == 24
+    with pytest.raises(EvalError, match=r"1 of its 25 LoRA modules .*\(lora_unet_mid_block_attentions_0_nope\)"):
+        evaluator.swap_in(_with_extra_modules(state, ["lora_unet_mid_block_attentions_0_nope"]))
+
+
+def test_modules_the_base_lacks_fail_the_checkpoint_naming_them(make: Make, loras: Loras, tmp_path: Path) -> None:
+    """diffusers applies the modules it finds and skips the rest without an error: the row names the rest."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(loras["te"]))
+    absent = [f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q{i}" for i in range(6)]
+    absent.append("lora_te_text_model_encoder_layers_0_self_attn_qq_proj")
+    path = tmp_path / "extra.safetensors"
+    save_file(_with_extra_modules(state, absent), str(path))
+    evaluator = make()
+    with pytest.raises(EvalError) as err:
+        evaluator.generate(path)
+    message = str(err.value)
+    assert message.startswith("does not fit the base model: 7 of its ")
+    assert "lora_te_text_model_encoder_layers_0_self_attn_qq_proj, " in message and "and 2 more" in message
+    assert evaluator.pipe.get_list_adapters() in ({}, {"unet": []}, {"unet": [], "text_encoder": []})
+
+
+@pytest.mark.parametrize(
+    ("folder", "family"),
+    [("flux", "FLUX.1"), ("sd3", "SD3.x"), ("lumina", "Lumina 2"), ("anima", "Anima"),
+     ("hunyuan_image", "HunyuanImage 2.1")],
+)
+@pytest.mark.parametrize("metadata", [True, False], ids=["metadata", "key-layout"])
+def test_lora_of_another_family_fails_naming_both_families(
+    make: Make, tmp_path: Path, folder: str, family: str, metadata: bool
+) -> None:
+    from safetensors.torch import load_file
+
+    path = FAMILY_FIXTURES / folder / "tiny-step00000004.safetensors"
+    if not metadata:  # the same tensors without kohya's ss_base_model_version: the key names say it
+        path = tmp_path / "bare.safetensors"
+        save_file(load_file(str(FAMILY_FIXTURES / folder / "tiny-step00000004.safetensors")), str(path))
+    evaluator = make()
+    with pytest.raises(EvalError, match=f"^a LoRA for {re.escape(family)} cannot be applied to this run's "
+                                        r"SD 1\.x/2\.x base model"):
+        evaluator.generate(path)
+    assert evaluator.pipe.get_list_adapters() in ({}, {"unet": []})
