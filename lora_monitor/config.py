@@ -18,6 +18,7 @@ from typing import Any
 
 from lora_monitor.columns import DEFAULT_WEIGHTS, LOSS_KEYS, MONITORABLE
 from lora_monitor.errors import UserError
+from lora_monitor.families import check_run
 from lora_monitor.policies import overtraining
 
 # kohya arguments whose values are paths; relative ones are resolved against the config file.
@@ -356,6 +357,8 @@ def validate(config: Config) -> None:
             raise UserError(f"{where}: kohya.launcher = {k.launcher!r}: use 'python' or 'accelerate'")
         if k.stop_grace_s <= 0:
             raise UserError(f"{where}: kohya.stop_grace_s = {k.stop_grace_s}: must be > 0 seconds")
+        if problem := check_run(k.script, k.sdxl):  # a family lora-monitor cannot evaluate: say so before kohya runs
+            raise UserError(f"{where}: {problem}")
         for key in ("save_every_n_steps", "save_every_n_epochs", "max_train_steps"):
             value = k.args.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value <= 0:

@@ -16,6 +16,7 @@ from typing import Any
 
 from lora_monitor.config import Config, EvalConfig, KohyaConfig
 from lora_monitor.errors import UserError
+from lora_monitor.families import run_family
 from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint
 
 CSV_NAME = "loss_tracker.csv"
@@ -38,6 +39,7 @@ class RunSpec:
     kohya: KohyaConfig | None = None
     kohya_args: tuple[tuple[str, Any], ...] = ()  # what kohya trains with: [kohya.args] over its config_file
     resolution: tuple[int, int] | None = None  # (width, height) kohya trains at; None: not known
+    family: str = "sd"  # the model family kohya trains (lora_monitor.families): its script's, else [kohya] sdxl
 
     @property
     def eval_config(self) -> EvalConfig:
@@ -188,6 +190,7 @@ def train_spec(config: Config) -> RunSpec:
     if output_dir is None:
         raise UserError(f"{config.source}: kohya.args.output_dir is not set; add it (kohya needs it too)")
     kohya = config.kohya
+    family = run_family(kohya.script, kohya.sdxl)  # sdxl_train_network.py means SDXL without `sdxl = true`
     logging_dir = _path(args.get("logging_dir"), base)
     if logging_dir is None and args.get("log_with") != "wandb":
         # kohya prints no learning rate; its TensorBoard logs have it, so make sure it writes them
@@ -201,11 +204,12 @@ def train_spec(config: Config) -> RunSpec:
         csv_path=config.output.csv or output_dir / CSV_NAME,
         logging_dir=logging_dir,
         base_model=_base_model(config, args, base),
-        sdxl=kohya.sdxl,
+        sdxl=family == "sdxl",
         reference_dirs=_reference_dirs(config, config.kohya),
         kohya=kohya,
         kohya_args=tuple(args.items()),
         resolution=_kohya_resolution(args, base),
+        family=family,
     )
 
 
@@ -220,6 +224,7 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
 
         args, base = effective_args(config.kohya), kohya_cwd(config.kohya)
     own_run = _path(args.get("output_dir"), base) == folder
+    family = run_family(config.kohya.script, config.kohya.sdxl) if config.kohya else "sd"
     logging_dir = _path(args.get("logging_dir"), base) if own_run else None
     return RunSpec(
         config=config,
@@ -228,11 +233,12 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
         csv_path=csv_path or config.output.csv or folder / CSV_NAME,
         logging_dir=logging_dir or folder / "logs",
         base_model=_base_model(config, args, base),
-        sdxl=config.kohya.sdxl if config.kohya else False,
+        sdxl=family == "sdxl",
         reference_dirs=_reference_dirs(config, config.kohya),
         kohya=None,
         kohya_args=tuple(args.items()),
         resolution=(_own_resolution(args, base) if own_run else None) or _folder_resolution(folder),
+        family=family,
     )
 
 
