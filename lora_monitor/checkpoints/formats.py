@@ -18,8 +18,10 @@ Layouts read (facts from the trainers' save code):
   text encoders as `text_encoders.clip_l.transformer.`; mapped to diffusers module names here.
 
 Refused with `NotALoraError`: LyCORIS LoHa / LoKr / OFT / Tucker (`lora_mid`) / full-weight diffs, DoRA
-(diffusers' SD/SDXL loaders drop its magnitude, so images would be wrong), transformer-model LoRAs
-(Flux, SD3: `transformer.`, `lora_transformer_`), full checkpoints, and unknown layouts.
+(diffusers' SD/SDXL loaders drop its magnitude, so images would be wrong), diffusers-named transformer-model
+LoRAs (Flux, SD3: `transformer.`, `lora_transformer_`), full checkpoints, and unknown layouts. kohya's own
+FLUX / SD3 / ... files use the kohya prefixes (`lora_te3_` is their T5) and pass here: the family check
+(families.py) and the module check (coverage.py) judge them against the base model.
 """
 
 from __future__ import annotations
