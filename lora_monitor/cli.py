@@ -141,7 +141,8 @@ def report(folder: Path, config_path: Path | None, csv_path: Path | None) -> Non
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), help="Folder to build the demo in (default: a new one).")
-@click.option("--scenario", type=click.Choice(["default", "overtrain"]), default="default", show_default=True,
+@click.option("--scenario", type=click.Choice(["default", "overtrain"]),  # demo.build.SCENARIOS (no torch import here)
+              default="default", show_default=True,
               help="overtrain: one training image trained far past its useful point, stopped as over-trained.")
 @_user_errors
 def demo(workdir: Path | None, scenario: str) -> None:

@@ -77,3 +77,9 @@ def test_scenario_changes_only_what_it_names(demo_assets) -> None:
     assert dataclasses.replace(paths, kohya_args={}, early_stopping={}, train_data_dir=Path(), prompts=Path(),
                                scenario="") == dataclasses.replace(demo_assets, kohya_args={}, early_stopping={},
                                                                    train_data_dir=Path(), prompts=Path(), scenario="")
+
+
+def test_cli_offers_every_scenario() -> None:
+    """The CLI lists the scenarios itself (importing the demo's builder would load torch for every command)."""
+    option = next(p for p in main.commands["demo"].params if p.name == "scenario")
+    assert list(option.type.choices) == list(SCENARIOS)
