@@ -144,7 +144,8 @@ table.grid img{width:112px;height:auto;image-rendering:pixelated;display:block;m
 table.grid th.refs{background:#eef3fa}table.grid td.refs{background:#f7f9fc}
 div.refs{display:flex;flex-wrap:wrap;gap:4px;justify-content:center}div.refs img{margin:0}
 table.strengths td{white-space:nowrap;font-size:12px}td.best-strength{background:#e8f5ec;outline:2px solid #2e8b57}
-table.strengths tr.best th{color:#1e6b41}table.strengths tr.baseline{background:#f2f2f2;font-style:italic}
+table.strengths tr.best th{color:#1e6b41}table.strengths tr.flagged th{color:#b9560b}
+table.strengths tr.baseline{background:#f2f2f2;font-style:italic}
 svg{max-width:100%;height:auto}pre{background:#f6f8fa;padding:12px;overflow-x:auto;font-size:12px}
 """
 
@@ -204,7 +205,7 @@ def build_report(
         ("grid", "Images (prompts and seeds x checkpoints; click for full size)",
          grid_html(output_dir, frame, best_name, flags)),
         ("strengths", "LoRA strengths (eval_score and signals per scale)",
-         strength_table(read_rows(Path(csv_path).with_name(STRENGTHS_CSV)), frame, best_name)),
+         strength_table(read_rows(Path(csv_path).with_name(STRENGTHS_CSV)), frame, best_name, flags)),
         ("checkpoints", "Checkpoints (hover a value: its change against the baseline)",
          checkpoint_table(frame, best_name, flags)),
         ("timings", "Timings", timing_html),

@@ -129,8 +129,10 @@ def _strength_cell(row: pd.Series, best: bool) -> str:
     return f'<td class="{"best-strength" if best else ""}"{title}>{"<br>".join(lines)}</td>'
 
 
-def strength_table(strengths: pd.DataFrame, frame: pd.DataFrame, best_name: str | None) -> str:
-    """checkpoint x LoRA scale: eval_score and the signals, each checkpoint's best_strength starred."""
+def strength_table(strengths: pd.DataFrame, frame: pd.DataFrame, best_name: str | None,
+                   flags: dict[str, list[str]]) -> str:
+    """checkpoint x LoRA scale: eval_score and the signals, each checkpoint's best_strength starred; the
+    checkpoints excluded as over-trained (at scale 1.0) marked as in the checkpoint table."""
     rows = strengths[strengths["step"].notna() & strengths["checkpoint"].ne("")] if len(strengths) else strengths
     if rows.empty or "strength" not in rows.columns:
         return ('<p class="empty">No strength sweep: <code>[eval] strengths</code> lists only 1.0 (no '
@@ -150,7 +152,9 @@ def strength_table(strengths: pd.DataFrame, frame: pd.DataFrame, best_name: str 
         by_scale = {float(r["strength"]): r for _, r in group.iterrows() if pd.notna(r["strength"])}
         cells = "".join(_strength_cell(by_scale[s], chosen.get(str(name)) == s) if s in by_scale
                         else '<td class="missing">-</td>' for s in scales)
-        best = ' class="best"' if name == best_name else ""
-        body.append(f"<tr{best}><th>{html.escape(str(name))}</th><td>{fmt(group['step'].iloc[0])}</td>{cells}</tr>")
+        kind = ' class="best"' if name == best_name else ' class="flagged"' if name in flags else ""
+        why = f' title="excluded as over-trained: {html.escape("; ".join(flags[name]))}"' if name in flags else ""
+        body.append(f"<tr{kind}><th{why}>{html.escape(str(name))}</th><td>{fmt(group['step'].iloc[0])}</td>"
+                    f"{cells}</tr>")
     return (f'<div class="scroll"><table class="strengths"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")

@@ -232,6 +232,7 @@ def test_report_strengths(report: Path) -> None:
     assert "&#9733; best_strength<br><b>eval_score 0.28</b>" in last  # 0.26 + 0.02 at scale 0.5
     assert "copies 1" in last and "copy_distance 0.12" in last
     assert '<tr class="best"><th>demo-step00000125.safetensors</th>' in table
+    assert table.count('<tr class="flagged"><th title="excluded as over-trained: copies 1 &gt; 0') == 2
 
 
 def test_report_tables_and_timings(report: Path) -> None:
