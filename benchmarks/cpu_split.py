@@ -13,7 +13,8 @@ Phases, one after the other in one run:
   eval_split   the trainer beside the evaluator with `cpu_share.plan`: kohya's OMP/MKL threads, the
                evaluator's torch threads, the evaluator thread at nice +10 (what `train` does now)
 
-Ratios are against the faster of the two alone phases. s/step is the trainer's time from its first timed step to its last (the bar's first draw of each step), over
+Ratios are against the faster of the two alone phases. s/step is the trainer's time from its first timed step
+to its last (the bar's first draw of each step), over
 the steps in between; the first `--warmup` steps are not timed. The evaluator is loaded and has finished one
 evaluation before the trainer starts.
 

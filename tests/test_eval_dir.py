@@ -48,6 +48,8 @@ def test_two_processes_split_the_work_and_only_the_main_one_writes(tmp_path: Pat
     assert "2 processes (gloo)" in output and "process 1 of 2" in output
     counts = [int(n) for n in re.search(r"evaluated per process: 0: (\d+), 1: (\d+)", output).groups()]
     rows = pd.read_csv(out / "loss_tracker.csv")
+    assert rows["status"].iloc[0] == "baseline"  # by the main process, before the rounds
+    rows = rows.iloc[1:]
     files = sorted(p.name for p in out.glob("*.safetensors") if not p.stem.endswith("-best"))
     assert sorted(rows["checkpoint"]) == files  # each file exactly once, in one CSV written by one process
     assert counts[1] >= 1 and sum(counts) == len(files)  # the second process did its share
@@ -80,8 +82,8 @@ def test_watch_evaluates_new_files_until_ctrl_c(tmp_path: Path, demo_assets) -> 
     proc = start_cli("eval-dir", str(out), "--config", str(config), "--watch", cwd=tmp_path)
     csv_path = out / "loss_tracker.csv"
 
-    def rows() -> int:
-        return len(pd.read_csv(csv_path)) if csv_path.exists() else 0
+    def rows() -> int:  # checkpoint rows (not the baseline)
+        return int((pd.read_csv(csv_path)["status"] != "baseline").sum()) if csv_path.exists() else 0
 
     def wait(n: int) -> None:
         end = time.monotonic() + 240
@@ -101,8 +103,9 @@ def test_watch_evaluates_new_files_until_ctrl_c(tmp_path: Path, demo_assets) -> 
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     frame = pd.read_csv(csv_path)
-    assert list(frame["checkpoint"]) == ["demo_dress-step00000010.safetensors", "demo_dress-step00000020.safetensors"]
-    assert list(frame["status"]) == ["ok", "ok"]
+    assert list(frame["checkpoint"]) == ["baseline", "demo_dress-step00000010.safetensors",
+                                         "demo_dress-step00000020.safetensors"]
+    assert list(frame["status"]) == ["baseline", "ok", "ok"]
 
 
 def test_strengths_and_signals_turned_off(tmp_path: Path, demo_assets) -> None:

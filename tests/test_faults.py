@@ -22,7 +22,11 @@ TRAINER = Path(__file__).resolve().parent.parent / "lora_monitor" / "demo" / "sd
 
 
 def _rows(csv_path: Path) -> pd.DataFrame:
-    return pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame(columns=["checkpoint", "status"])
+    """The checkpoints' rows (the base model's baseline row left out)."""
+    if not csv_path.exists():
+        return pd.DataFrame(columns=["checkpoint", "status"])
+    frame = pd.read_csv(csv_path)
+    return frame[frame["status"] != "baseline"]
 
 
 def _wait_for(cond, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -239,7 +239,10 @@ def replay_config(workdir: Path, demo_assets: Any, sd_scripts: Path) -> Path:
 
 
 def rows_by_name(csv_path: Path) -> pd.DataFrame:
+    """The checkpoints' rows by file name, after the base model's baseline row (which comes first)."""
     rows = pd.read_csv(csv_path)
+    assert rows["status"].iloc[0] == "baseline", rows.head(2).to_dict()
+    rows = rows.iloc[1:]
     assert rows["checkpoint"].is_unique, rows["checkpoint"].tolist()
     return rows.set_index("checkpoint")
 

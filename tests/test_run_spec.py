@@ -111,6 +111,8 @@ def test_train_with_every_path_only_in_kohyas_config_file(tmp_path: Path, demo_a
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     out = tmp_path / "out"
     rows = pd.read_csv(out / "loss_tracker.csv")
+    assert rows["status"].iloc[0] == "baseline"
+    rows = rows.iloc[1:]
     assert set(rows["status"]) == {"ok", "duplicate"} and (rows["status"] == "ok").sum() == 4  # final = step 40
     assert rows["learning_rate"].notna().all()  # read from the file's own logging_dir
     assert list((tmp_path / "tb").iterdir()) and not (out / "logs").exists()

@@ -167,6 +167,8 @@ def test_sdxl_run_is_trained_by_the_sdxl_script_and_evaluated_with_the_sdxl_pipe
                 "lora_unet", "lora_te1", "lora_te2"}
             assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k") for k in f.keys())
     rows = pd.read_csv(out / "loss_tracker.csv")
+    assert rows["status"].iloc[0] == "baseline"  # the SDXL base model without a LoRA, first
+    rows = rows.iloc[1:]
     assert rows["checkpoint"].is_unique
     rows = rows.set_index("checkpoint")
     assert sorted(rows.index) == sorted(EXPECTED_ROWS), output[-4000:]
