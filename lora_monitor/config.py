@@ -90,6 +90,13 @@ class EvalConfig:
     seeds_per_prompt: int = 2
     # LoRA scales each checkpoint is also evaluated at (strengths.csv); the CSV row is always at 1.0
     strengths: list[float] = field(default_factory=lambda: [1.0])
+    # where a checkpoint's images come from: "generate" (lora-monitor loads the base model and generates) or
+    # "kohya_samples" (the images kohya writes to <output_dir>/sample/; no diffusion model is loaded)
+    source: str = "generate"
+
+
+# [eval] source values
+EVAL_SOURCES = ("generate", "kohya_samples")
 
 
 @dataclass(frozen=True)
@@ -331,6 +338,7 @@ def validate(config: Config) -> None:
     if not math.isfinite(threshold) or not 0 < threshold <= 1:
         raise UserError(f"{where}: metrics.copy_threshold = {threshold}: must be in (0, 1] (a tiled RMS pixel "
                         "distance; 0.15 is the published default)")
+    _validate_source(config, where)
     if ev.memory not in ("auto", "full", "offload"):
         raise UserError(f"{where}: eval.memory = {ev.memory!r}: use 'auto', 'full' or 'offload'")
     if not (ev.device in ("auto", "cpu", "cuda") or ev.device.startswith("cuda:")):
@@ -363,6 +371,27 @@ def validate(config: Config) -> None:
             value = k.args.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
                 raise UserError(f"{where}: kohya.args.{key} = {value}: must be a positive whole number")
+
+
+def _validate_source(config: Config, where: Path) -> None:
+    """[eval] source: a known value; kohya_samples needs kohya to sample (when [kohya] is set) and one scale."""
+    ev = config.eval
+    if ev.source not in EVAL_SOURCES:
+        raise UserError(f"{where}: eval.source = {ev.source!r}: unknown; {_closest(ev.source, list(EVAL_SOURCES))} "
+                        f"(valid: {', '.join(EVAL_SOURCES)})")
+    if ev.source != "kohya_samples":
+        return
+    if ev.strengths != [1.0]:
+        raise UserError(f"{where}: eval.strengths = {ev.strengths}: kohya's samples are at the LoRA's trained scale "
+                        "only; remove eval.strengths when eval.source = 'kohya_samples'")
+    args = config.kohya.args if config.kohya else {}
+    if config.kohya and "config_file" not in args:  # a kohya config_file may set them; kohya then reads it
+        if not args.get("sample_prompts"):
+            raise UserError(f"{where}: eval.source = 'kohya_samples' but kohya.args has no sample_prompts; add "
+                            "sample_prompts = \"prompts.txt\" (kohya's prompt file) to [kohya.args]")
+        if not (args.get("sample_every_n_steps") or args.get("sample_every_n_epochs")):
+            raise UserError(f"{where}: eval.source = 'kohya_samples' but kohya never samples; add "
+                            "sample_every_n_steps (or sample_every_n_epochs) to [kohya.args]")
 
 
 def _validate_best(best: BestConfig, where: Path) -> None:

@@ -20,6 +20,14 @@ from lora_monitor.columns import BASELINE
 from lora_monitor.config import Config
 from lora_monitor.errors import UserError
 from lora_monitor.evaluation.inputs import Inputs, check_inputs
+from lora_monitor.evaluation.kohya_samples import (
+    SampleWatcher,
+    build_sample_models,
+    check_sample_folder,
+    check_sample_inputs,
+    eval_dir_samples,
+    uses_samples,
+)
 from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
 from lora_monitor.kohya.tensorboard import StepFacts, read_run, run_for_session
 from lora_monitor.lock import OutputLock
@@ -88,9 +96,15 @@ def _started_at(checkpoint: Path) -> float | None:
 
 def run_eval_dir(config: Config, folder: Path, csv_path: Path | None, watch: bool, view: LiveView) -> int:
     folder = folder.resolve()
-    _check_folder(folder, watch)
+    if uses_samples(config):
+        check_sample_folder(folder, watch)
+    else:
+        _check_folder(folder, watch)
     spec = eval_dir_spec(config, folder, csv_path)
-    inputs = check_inputs(spec)
+    inputs = check_sample_inputs(spec) if uses_samples(config) else check_inputs(spec)
+    if launched_processes() > 1 and uses_samples(config):
+        raise UserError("eval.source = 'kohya_samples': run eval-dir as one process (scoring kohya's images needs "
+                        "no second GPU)")
     if launched_processes() > 1:
         from lora_monitor.eval_dir_processes import run_across_processes
 
@@ -139,6 +153,8 @@ def watch_folder(loop: RunState, files: list[Path]) -> CheckpointWatcher:
 
 def _evaluate(spec: RunSpec, watch: bool, view: LiveView, inputs: Inputs) -> int:
     loop = RunState(spec, view)
+    if uses_samples(spec.config):
+        return _evaluate_samples(loop, watch, inputs)
     worker = EvalWorker(lambda: build_models(spec, inputs), loop.events.put, newest_first=False,
                         baseline=BASELINE not in loop.tracker.done())
     files, todo = plan(loop, spec.output_dir)
@@ -147,10 +163,43 @@ def _evaluate(spec: RunSpec, watch: bool, view: LiveView, inputs: Inputs) -> int
     for ready in todo:
         worker.submit(ready)
     watcher = watch_folder(loop, files) if watch else None
+    return _run(loop, worker, logs, len(todo), watch, watcher)
+
+
+def _evaluate_samples(loop: RunState, watch: bool, inputs: Inputs) -> int:
+    """[eval] source = "kohya_samples": kohya's images in sample/ are scored; no diffusion model is loaded."""
+    spec = loop.spec
+    worker = EvalWorker(lambda: build_sample_models(spec, inputs), loop.events.put, newest_first=False)
+    expected, watcher = eval_dir_samples(spec, worker, len(inputs.prompts), loop.tracker.done(), loop.view.message)
+    worker.start()
+    if watch:
+        watcher.start()
+        loop.view.message("watching for new kohya samples; Ctrl-C to stop")
+    return _run(loop, worker, SampleLogs(spec), expected, watch, watcher if watch else None)
+
+
+class SampleLogs(SessionLogs):
+    """A sampling kohya saved no LoRA at (`sample@step N`) reads the logs of the folder's newest LoRA's session."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        super().__init__(spec)
+        self.folder = spec.output_dir
+
+    def of(self, checkpoint: Path) -> StepFacts | None:
+        if not checkpoint.exists():
+            files = list_checkpoints(self.folder)
+            if not files:
+                return None
+            checkpoint = max(files, key=lambda p: p.stat().st_mtime)
+        return super().of(checkpoint)
+
+
+def _run(loop: RunState, worker: EvalWorker, logs: SessionLogs, expected: int, watch: bool,
+         watcher: CheckpointWatcher | SampleWatcher | None) -> int:
     # Handlers of our own: a SIGINT inherited as ignored (nohup, `cmd &` in a script) must still stop --watch.
     with SignalCatcher() as caught:
         try:
-            _follow(loop, worker, logs, len(todo), watch, caught)
+            _follow(loop, worker, logs, expected, watch, caught)
         finally:
             if watcher:
                 watcher.stop()

@@ -21,6 +21,14 @@ from lora_monitor.columns import BASELINE
 from lora_monitor.config import Config
 from lora_monitor.cpu_share import CpuShare, kohya_env, plan, usable_cores
 from lora_monitor.evaluation.inputs import check_inputs
+from lora_monitor.evaluation.kohya_samples import (
+    build_sample_models,
+    check_sample_inputs,
+    device_name,
+    sample_watcher,
+    settle_name,
+    uses_samples,
+)
 from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
 from lora_monitor.finish_evals import finish_evaluations
 from lora_monitor.kohya.process import CONSOLE_LOG_NAME, KohyaProcess, build_argv, preflight
@@ -127,6 +135,7 @@ class TrainRun:
         facts = self.logs.facts if self.logged() else None  # type: ignore[union-attr]
         for arrived, result in self.state.waiting:
             if self.settled(result.step, now - arrived):
+                result = settle_name(result, self.spec.output_dir, self.spec.output_name)
                 self.state.write_result(result, self.state.values_at(result.step, facts))
             else:
                 keep.append((arrived, result))
@@ -138,7 +147,8 @@ def run_train(config: Config, view: LiveView) -> int:
     assert spec.kohya is not None
     for warning in preflight(spec.kohya):
         view.message(f"warning: {warning}")
-    inputs = check_inputs(spec) if config.eval.enabled else None
+    samples = uses_samples(config)
+    inputs = (check_sample_inputs(spec) if samples else check_inputs(spec)) if config.eval.enabled else None
     share = cpu_share(config, spec)
     if share.describe():
         view.message(share.describe())
@@ -147,11 +157,13 @@ def run_train(config: Config, view: LiveView) -> int:
         state = run.state
         watcher = None
         if config.eval.enabled and inputs is not None:
-            run.worker = EvalWorker(lambda: build_models(spec, inputs), state.events.put, threads=share.eval_threads,
+            load = (lambda: build_sample_models(spec, inputs)) if samples else (lambda: build_models(spec, inputs))
+            run.worker = EvalWorker(load, state.events.put, threads=share.eval_threads,
                                     nice=share.eval_nice, newest_first=config.eval.newest_first,
-                                    baseline=BASELINE not in state.tracker.done())
+                                    baseline=not samples and BASELINE not in state.tracker.done())
+            watcher = sample_watcher(spec, run.worker, len(inputs.prompts), state.tracker.done()) if samples else None
             before = {p.name for p in list_checkpoints(spec.output_dir)}  # an earlier run's files: eval-dir's job
-            watcher = CheckpointWatcher(
+            watcher = watcher or CheckpointWatcher(
                 spec.output_dir,
                 lambda p: state.events.put(ev.FileComplete(p)),
                 lambda p: state.events.put(ev.FileDeleted(p)),
@@ -185,7 +197,7 @@ def cpu_share(config: Config, spec: RunSpec) -> CpuShare:
         return CpuShare()
     from lora_monitor.evaluation.evaluator import resolve_device
 
-    on_cpu = resolve_device(config.eval.device).type == "cpu"
+    on_cpu = resolve_device(device_name(config)).type == "cpu"
     return plan(spec.kohya, on_cpu, os.environ, usable_cores())
 
 

@@ -51,6 +51,11 @@ class Models:
     copy_threshold: float = COPY_THRESHOLD
     strengths: tuple[float, ...] = ()  # extra LoRA scales to evaluate at, besides 1.0
 
+    def evaluate(self, item: object, fingerprints: dict[str, tuple[str, dict]]) -> EvalResult:
+        """One queued item's result (kohya_samples.SampleModels scores kohya's images instead)."""
+        assert isinstance(item, CheckpointReady)
+        return evaluate_one(self, item, fingerprints)
+
 
 def quiet_libraries() -> None:
     """Progress bars of diffusers/transformers/hf-hub would garble the live table and the plain log."""
@@ -275,7 +280,7 @@ class EvalWorker:
                 self._on_result(EvalResult(item.path, item.step, error=self.load_error or "evaluator not loaded"))
                 continue
             self.busy_with = item.path
-            self._on_result(evaluate_one(self.models, item, self.fingerprints))
+            self._on_result(self.models.evaluate(item, self.fingerprints))
             self.busy_with = None
 
 

@@ -86,6 +86,10 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate_every_n_steps", type=int, default=None)
     p.add_argument("--validate_every_n_epochs", type=int, default=None)
     p.add_argument("--max_validation_steps", type=int, default=None)
+    p.add_argument("--sample_every_n_steps", type=int, default=None)
+    p.add_argument("--sample_every_n_epochs", type=int, default=None)
+    p.add_argument("--sample_at_first", action="store_true")
+    p.add_argument("--sample_prompts", type=str, default=None)
     return p
 
 
@@ -138,6 +142,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     args.resolution = reso
     if args.network_dim is None:
         args.network_dim = 4  # networks.lora's default rank
+    if args.sample_prompts is not None and not args.sample_prompts.endswith(".txt"):
+        parser.error("--sample_prompts: only a .txt prompt file is supported")
+    args.sample_name = args.output_name  # kohya names samples after output_name as given (None: no prefix)
     if args.output_name is None:
         args.output_name = "last"  # kohya's DEFAULT_LAST_OUTPUT_NAME
 
@@ -589,6 +596,88 @@ def log_step(writer: Any, step: int, current: float, average: float, lr: float) 
         writer.add_scalar(tag, value, step)
 
 
+def sample_prompt_line(line: str) -> dict[str, Any]:
+    """kohya's line_to_prompt_dict for the options this trainer uses: --w --h --d --s --l --n."""
+    import re
+
+    parts = line.split(" --")
+    out: dict[str, Any] = {"prompt": parts[0]}
+    for part in parts[1:]:
+        for key, pattern, kind in (("width", r"w (\d+)", int), ("height", r"h (\d+)", int), ("seed", r"d (\d+)", int),
+                                   ("sample_steps", r"s (\d+)", int), ("scale", r"l ([\d\.]+)", float),
+                                   ("negative_prompt", r"n (.+)", str)):
+            if m := re.match(pattern, part, re.IGNORECASE):
+                out[key] = kind(m.group(1))
+                break
+    return out
+
+
+class Sampler:
+    """kohya's sample images (`--sample_every_n_steps`/`--sample_every_n_epochs`/`--sample_at_first`), drawn
+    with this trainer's own pipeline into `<output_dir>/sample/` under kohya's names."""
+
+    def __init__(self, args: argparse.Namespace, unet: Any) -> None:
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+        from transformers import CLIPTextModel
+
+        model_dir = Path(args.pretrained_model_name_or_path)
+        self.args, self.unet = args, unet
+        self.pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(str(model_dir / "vae")),
+            text_encoder=CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")),
+            tokenizer=load_tokenizer(args, model_dir), unet=unet,
+            scheduler=DDIMScheduler.from_pretrained(str(model_dir / "scheduler")),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def due(self, epoch: int | None, steps: int) -> bool:
+        """kohya's sample_images_common: step 0 only with --sample_at_first; epochs rule over steps."""
+        args = self.args
+        if steps == 0:
+            return args.sample_at_first
+        if args.sample_every_n_epochs is not None:
+            return epoch is not None and epoch % args.sample_every_n_epochs == 0
+        return args.sample_every_n_steps is not None and steps % args.sample_every_n_steps == 0 and epoch is None
+
+    def sample(self, epoch: int | None, steps: int) -> None:
+        import torch
+
+        if not self.due(epoch, steps):
+            return
+        logger.info(f"generating sample images at step / サンプル画像生成 ステップ: {steps}")
+        with open(self.args.sample_prompts, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.readlines() if len(line.strip()) > 0 and line[0] != "#"]
+        save_dir = os.path.join(self.args.output_dir, "sample")
+        os.makedirs(save_dir, exist_ok=True)
+        rng_state = torch.get_rng_state()
+        self.unet.eval()
+        for i, line in enumerate(lines):
+            self.draw(sample_prompt_line(line), i, epoch, steps, save_dir)
+        self.unet.train()
+        torch.set_rng_state(rng_state)
+
+    def draw(self, prompt: dict[str, Any], i: int, epoch: int | None, steps: int, save_dir: str) -> None:
+        import torch
+
+        seed = prompt.get("seed")
+        if seed is not None:
+            torch.manual_seed(seed)
+        else:
+            torch.seed()  # kohya: a random image when the line has no --d
+        width, height = prompt.get("width", 512), prompt.get("height", 512)
+        with torch.no_grad():
+            image = self.pipe(prompt["prompt"], height=max(64, height - height % 8), width=max(64, width - width % 8),
+                              num_inference_steps=prompt.get("sample_steps", 30),
+                              guidance_scale=prompt.get("scale", 7.5),
+                              negative_prompt=prompt.get("negative_prompt")).images[0]
+        ts_str = time.strftime("%Y%m%d%H%M%S", time.localtime())
+        num_suffix = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
+        seed_suffix = "" if seed is None else f"_{seed}"
+        prefix = "" if self.args.sample_name is None else self.args.sample_name + "_"
+        image.save(os.path.join(save_dir, f"{prefix}{num_suffix}_{i:02d}_{ts_str}{seed_suffix}.png"))
+
+
 def train(args: argparse.Namespace) -> None:
     import torch
 
@@ -632,6 +721,9 @@ def train(args: argparse.Namespace) -> None:
     # kohya's bar; mininterval=0 because these steps can be faster than tqdm's 0.1 s redraw limit and
     # every step must be drawn twice (with the previous average, then the updated one) as kohya's are
     progress_bar = tqdm(range(args.max_train_steps), smoothing=0, desc="steps", mininterval=0)
+    sampler = Sampler(args, unet) if args.sample_prompts else None
+    if sampler is not None:
+        sampler.sample(0, 0)
     loss_recorder = LossRecorder()
     global_step = 0
     for epoch in range(n_epochs):
@@ -650,6 +742,8 @@ def train(args: argparse.Namespace) -> None:
             # kohya's order: advance the bar (drawn with the old average), save, then show the new average
             progress_bar.update(1)
             global_step += 1
+            if sampler is not None:
+                sampler.sample(None, global_step)
             if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
                 ckpt.save(ckpt.step_name(global_step), global_step, epoch)
                 ckpt.remove_step(remove_step_no(args, global_step))
@@ -674,6 +768,8 @@ def train(args: argparse.Namespace) -> None:
         if every is not None and (epoch + 1) % every == 0 and (epoch + 1) < n_epochs:
             ckpt.save(ckpt.epoch_name(epoch + 1), global_step, epoch + 1)
             ckpt.remove_epoch(remove_epoch_no(args, epoch + 1))
+        if sampler is not None:
+            sampler.sample(epoch + 1, global_step)
 
     if writer is not None:
         writer.close()
