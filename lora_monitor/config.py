@@ -36,6 +36,9 @@ KOHYA_PATH_ARGS = frozenset(
         "tokenizer_cache_dir",
         "vae",
         "resume",
+        "clip_l",  # FLUX.1's separate model files (flux_train_network.py)
+        "t5xxl",
+        "ae",
     }
 )
 
@@ -75,8 +78,8 @@ class EvalConfig:
     device: str = "auto"
     memory: str = "auto"
     batch_size: int = 4
-    steps: int = 15
-    guidance_scale: float = 7.0
+    steps: int | None = None  # unset: the family's default (SD/SDXL 15, FLUX.1-dev 20, schnell 4: pipelines.py)
+    guidance_scale: float | None = None  # unset: SD/SDXL CFG 7.0, FLUX.1-dev guidance embedding 3.5
     scheduler: str = "default"
     width: int | None = None
     height: int | None = None
@@ -322,7 +325,7 @@ def validate(config: Config) -> None:
             raise UserError(f"{where}: eval.strengths has {s}: each LoRA scale must be in (0, 4]")
     if not ev.strengths:
         raise UserError(f"{where}: eval.strengths = []: list at least one LoRA scale (e.g. [1.0])")
-    if ev.guidance_scale < 0:
+    if ev.guidance_scale is not None and ev.guidance_scale < 0:
         raise UserError(f"{where}: eval.guidance_scale = {ev.guidance_scale}: must be >= 0")
     if ev.scheduler != "default" and ev.scheduler not in SCHEDULERS:
         raise UserError(f"{where}: eval.scheduler = {ev.scheduler!r}: unknown; "
@@ -385,13 +388,9 @@ def _validate_source(config: Config, where: Path) -> None:
         raise UserError(f"{where}: eval.strengths = {ev.strengths}: kohya's samples are at the LoRA's trained scale "
                         "only; remove eval.strengths when eval.source = 'kohya_samples'")
     args = config.kohya.args if config.kohya else {}
-    if config.kohya and "config_file" not in args:  # a kohya config_file may set them; kohya then reads it
-        if not args.get("sample_prompts"):
-            raise UserError(f"{where}: eval.source = 'kohya_samples' but kohya.args has no sample_prompts; add "
-                            "sample_prompts = \"prompts.txt\" (kohya's prompt file) to [kohya.args]")
-        if not (args.get("sample_every_n_steps") or args.get("sample_every_n_epochs")):
-            raise UserError(f"{where}: eval.source = 'kohya_samples' but kohya never samples; add "
-                            "sample_every_n_steps (or sample_every_n_epochs) to [kohya.args]")
+    if not (args.get("sample_prompts") or ev.prompts or "config_file" in args):  # a config_file may set it
+        raise UserError(f"{where}: eval.source = 'kohya_samples' needs kohya's prompt file; set "
+                        "kohya.args.sample_prompts (train) or [eval] prompts (eval-dir) to the file kohya samples with")
 
 
 def _validate_best(best: BestConfig, where: Path) -> None:

@@ -308,6 +308,9 @@ def check_sample_inputs(spec: RunSpec) -> Inputs:
     from lora_monitor.evaluation.metrics import check_model_available
 
     config = spec.config
+    if spec.kohya is not None and not (spec.arg("sample_every_n_steps") or spec.arg("sample_every_n_epochs")):
+        raise UserError("eval.source = 'kohya_samples' but kohya never samples; add sample_every_n_steps (or "
+                        "sample_every_n_epochs) to [kohya.args]")
     check_model_available(config.metrics.fashion_clip_model, "fashion_clip")
     check_model_available(config.metrics.visual_model, "visual")
     return Inputs(references=reference_images(spec), prompts=load_prompts(sample_prompts_file(spec)))

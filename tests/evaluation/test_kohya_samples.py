@@ -151,9 +151,8 @@ def test_sample_folder_hands_each_sampling_over_once_in_training_order(tmp_path:
         ("[eval]\nsource = 'kohya'\n", "eval.source = 'kohya': unknown; did you mean 'kohya_samples'?"),
         ("[eval]\nsource = 'kohya_samples'\nstrengths = [0.5, 1.0]\n", "remove eval.strengths"),
         ("[eval]\nsource = 'kohya_samples'\n[kohya]\nsd_scripts = '.'\n[kohya.args]\nsample_every_n_steps = 5\n",
-         "kohya.args has no sample_prompts"),
-        ("[eval]\nsource = 'kohya_samples'\n[kohya]\nsd_scripts = '.'\n[kohya.args]\nsample_prompts = 'p.txt'\n",
-         "kohya never samples; add sample_every_n_steps"),
+         "needs kohya's prompt file; set kohya.args.sample_prompts"),
+        ("[eval]\nsource = 'kohya_samples'\n", "needs kohya's prompt file"),
     ],
 )
 def test_source_is_checked_at_load(tmp_path: Path, text: str, expected: str) -> None:
