@@ -40,6 +40,8 @@ class RunSpec:
     kohya_args: tuple[tuple[str, Any], ...] = ()  # what kohya trains with: [kohya.args] over its config_file
     resolution: tuple[int, int] | None = None  # (width, height) kohya trains at; None: not known
     family: str = "sd"  # the model family kohya trains (lora_monitor.families): its script's, else [kohya] sdxl
+    # the separate model files kohya assembles the base model from (FLUX.1: clip_l, t5xxl, ae, tokenizer_cache_dir)
+    model_parts: tuple[tuple[str, str], ...] = ()
 
     @property
     def eval_config(self) -> EvalConfig:
@@ -96,6 +98,13 @@ def _base_model(config: Config, args: dict[str, Any], base: Path) -> str | None:
     from lora_monitor.kohya.process import looks_local
 
     return str(_path(value, base)) if looks_local(str(value), base) else str(value)
+
+
+MODEL_PART_ARGS = ("clip_l", "t5xxl", "ae", "tokenizer_cache_dir")  # flux_train_network.py's separate files
+
+
+def _model_parts(args: dict[str, Any], base: Path) -> tuple[tuple[str, str], ...]:
+    return tuple((key, str(_path(args[key], base))) for key in MODEL_PART_ARGS if args.get(key))
 
 
 def _reference_dirs(config: Config, kohya: KohyaConfig | None) -> tuple[Path, ...]:
@@ -210,6 +219,7 @@ def train_spec(config: Config) -> RunSpec:
         kohya_args=tuple(args.items()),
         resolution=_kohya_resolution(args, base),
         family=family,
+        model_parts=_model_parts(args, base),
     )
 
 
@@ -239,6 +249,7 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
         kohya_args=tuple(args.items()),
         resolution=(_own_resolution(args, base) if own_run else None) or _folder_resolution(folder),
         family=family,
+        model_parts=_model_parts(args, base),
     )
 
 

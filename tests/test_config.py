@@ -36,7 +36,7 @@ def test_good_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
     assert spec.reference_dirs == (tmp_path / "data" / "train",)
     assert spec.csv_path == tmp_path / "out dir" / "ü" / "loss_tracker.csv"
     assert cfg.eval.prompts == tmp_path / "prompts.txt"
-    assert cfg.eval.steps == 15 and cfg.eval.guidance_scale == 7.0
+    assert cfg.eval.steps is None and cfg.eval.guidance_scale is None  # the model family's defaults
     assert cfg.metrics.weights == {"visual_loss": 0.2, "fashion_clip_loss": 0.6, "color_loss": 0.2}
     assert spec.output_name == "dress" and spec.best_name == "dress-best.safetensors"
 

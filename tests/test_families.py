@@ -88,9 +88,8 @@ def _config(tmp_path: Path, kohya: str) -> str:
 @pytest.mark.parametrize(
     ("kohya", "message"),
     [
-        ('script = "flux_train_network.py"',
-         "kohya.script = 'flux_train_network.py' trains FLUX.1 LoRAs, which lora-monitor cannot evaluate yet"),
-        ('script = "sd3_train_network.py"', "trains SD3.x LoRAs"),
+        ('script = "sd3_train_network.py"',
+         "kohya.script = 'sd3_train_network.py' trains SD3.x LoRAs, which lora-monitor cannot evaluate yet"),
         ('script = "lumina_train_network.py"', "trains Lumina 2 LoRAs"),
         ('script = "anima_train_network.py"', "trains Anima LoRAs"),
         ('script = "hunyuan_image_train_network.py"', "trains HunyuanImage 2.1 LoRAs"),
@@ -103,7 +102,8 @@ def test_unsupported_family_fails_at_config_load_in_one_line(tmp_path: Path, koh
     text = str(err.value)
     assert message in text and "\n" not in text
     if "cannot evaluate" in text:
-        assert text.endswith("supported: SD 1.x/2.x (train_network.py), SDXL (sdxl_train_network.py)")
+        assert text.endswith("supported: SD 1.x/2.x (train_network.py), SDXL (sdxl_train_network.py), "
+                             "FLUX.1 (flux_train_network.py)")
 
 
 @pytest.mark.parametrize(
@@ -112,9 +112,21 @@ def test_unsupported_family_fails_at_config_load_in_one_line(tmp_path: Path, koh
         ("", "sd", False),
         ('script = "sdxl_train_network.py"', "sdxl", True),
         ("sdxl = true", "sdxl", True),
+        ('script = "flux_train_network.py"', "flux", False),
     ],
 )
 def test_run_spec_family(tmp_path: Path, kohya: str, family: str, sdxl: bool) -> None:
     config = parse_config(_config(tmp_path, kohya), tmp_path / "c.toml")
     for spec in (train_spec(config), eval_dir_spec(config, tmp_path / "out")):
         assert (spec.family, spec.sdxl) == (family, sdxl)
+
+
+def test_flux_run_spec_carries_kohyas_separate_model_files(tmp_path: Path) -> None:
+    """flux_train_network.py takes CLIP-L, T5-XXL and the autoencoder as separate files: the spec resolves them."""
+    text = _config(tmp_path, 'script = "flux_train_network.py"') + (
+        'pretrained_model_name_or_path = "models/flux1-dev.safetensors"\nclip_l = "models/clip_l.safetensors"\n'
+        't5xxl = "/abs/t5xxl_fp16.safetensors"\nae = "models/ae.safetensors"\n')
+    spec = train_spec(parse_config(text, tmp_path / "c.toml"))
+    assert dict(spec.model_parts) == {"clip_l": str(tmp_path / "models/clip_l.safetensors"),
+                                      "t5xxl": "/abs/t5xxl_fp16.safetensors",
+                                      "ae": str(tmp_path / "models/ae.safetensors")}

@@ -32,6 +32,7 @@ from lora_monitor.checkpoints.files import NotALoraError, lora_format, read_head
 from lora_monitor.checkpoints.formats import normalize_lora_state
 from lora_monitor.config import SCHEDULERS, EvalConfig
 from lora_monitor.errors import EvalError, UserError
+from lora_monitor.evaluation.pipelines import adapter_for, family_dtype
 from lora_monitor.evaluation.prompts import Prompt
 from lora_monitor.families import family_of_keys, family_of_lora, mismatch, pipeline_family
 
@@ -106,7 +107,8 @@ def enable_offload(pipe: Any, device: torch.device) -> bool:
 
 
 def is_offloaded(pipe: Any) -> bool:
-    return pipe._execution_device.type != "cpu" and pipe.unet.device.type == "cpu"
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    return pipe._execution_device.type != "cpu" and denoiser.device.type == "cpu"
 
 
 def ensure_sdpa(pipe: Any) -> int:
@@ -129,12 +131,30 @@ def ensure_sdpa(pipe: Any) -> int:
     return replaced
 
 
-def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str = "auto") -> Any:
-    """Load the base pipeline once (fp16 on GPU, fp32 on CPU) and place it per `[eval] memory`."""
+def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str = "auto", family: str | None = None,
+                  parts: dict[str, str] | None = None) -> Any:
+    """Load the base pipeline once (fp16 on GPU, bf16 for FLUX, fp32 on CPU) and place it per `[eval] memory`.
+
+    `family` is the run's model family (RunSpec.family; None: SD or SDXL per `sdxl`); for FLUX.1 `parts` holds
+    kohya's separate model files (clip_l, t5xxl, ae, tokenizer_cache_dir) used when `base_model` is a file.
+    """
     import diffusers
 
+    family = family or ("sdxl" if sdxl else "sd")
+    dtype = family_dtype(family, device, device_dtype(device))
+    if family == "flux":
+        from lora_monitor.evaluation.flux_files import load_flux
+
+        try:
+            pipe = load_flux(base_model, parts or {}, dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"FLUX.1 base model {base_model!r} could not be loaded ({_first_line(exc)}); give a diffusers "
+                "FLUX.1 folder in [eval] base_model, or kohya's transformer file with --clip_l, --t5xxl and --ae"
+            ) from None
+        return _ready(pipe, device, memory)
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"dtype": device_dtype(device)}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if not sdxl:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = Path(base_model)
@@ -150,6 +170,10 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
             f"base model {base_model!r} could not be loaded ({_first_line(exc)}); give a diffusers folder or "
             f"a .safetensors file in [eval] base_model, or download it first with `hf download {base_model}`"
         ) from None
+    return _ready(pipe, device, memory)
+
+
+def _ready(pipe: Any, device: torch.device, memory: str) -> Any:
     pipe.set_progress_bar_config(disable=True)
     ensure_sdpa(pipe)
     place_pipeline(pipe, device, memory)
@@ -277,6 +301,8 @@ class Evaluator:
         self.out_root = Path(out_root)
         self.device: torch.device = pipe._execution_device
         self.family = pipeline_family(pipe)  # 'sd', 'sdxl', 'flux': how LoRA names map to its modules
+        self.adapter = adapter_for(pipe, self.family)  # what generation does differently per family
+        self.adapter.check_scheduler(cfg.scheduler)
         self.batch_size = cfg.batch_size  # halved for the rest of the run after an out-of-memory error
         self._counter = 0
         self._adapter: str | None = None
@@ -303,15 +329,17 @@ class Evaluator:
     def _groups(self) -> dict[GroupKey, list[int]]:
         groups: dict[GroupKey, list[int]] = {}
         # cfg.width/height are [eval]'s or else kohya's training resolution (RunSpec.eval_config); only
-        # when neither is known does the base model's own size apply
-        default_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        # when neither is known does the base model's own size apply. Unset steps/guidance: the family's defaults.
+        default_size = self.adapter.default_size()
+        steps = self.cfg.steps or self.adapter.default_steps()
+        guidance = self.cfg.guidance_scale if self.cfg.guidance_scale is not None else self.adapter.default_guidance()
         for i, p in enumerate(self.prompts):
             key = (
                 p.width or self.cfg.width or default_size,
                 p.height or self.cfg.height or default_size,
-                p.steps or self.cfg.steps,
-                p.guidance_scale if p.guidance_scale is not None else self.cfg.guidance_scale,
-                p.negative or self.cfg.negative_prompt,
+                p.steps or steps,
+                p.guidance_scale if p.guidance_scale is not None else guidance,
+                self.adapter.negative(p.negative or self.cfg.negative_prompt),
             )
             groups.setdefault(key, []).append(i)
         return groups
@@ -354,10 +382,13 @@ class Evaluator:
     def swap_in(self, state: dict[str, torch.Tensor]) -> None:
         """Make `state` (a LoRA state dict) the only active adapter; EvalError if it does not load."""
         sig = _signature(state)
+        loadable = dict(state)
+        if self.family == "flux" and flux_keys.is_kohya_flux(list(state)):
+            loadable = flux_keys.to_diffusers(state)  # diffusers' own converter assumes FLUX.1's full width
         if self._adapter is not None and sig == self._adapter_sig:
             try:
                 with _quiet_loaders():
-                    self.pipe.load_lora_weights(dict(state), adapter_name=self._adapter, hotswap=True)
+                    self.pipe.load_lora_weights(dict(loadable), adapter_name=self._adapter, hotswap=True)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure: fall back to a clean reload
                 log.debug("LoRA hotswap failed (%s); reloading", _first_line(exc))
@@ -366,9 +397,6 @@ class Evaluator:
         self.unload()
         self._counter += 1
         name = f"ckpt{self._counter}"
-        loadable = dict(state)
-        if self.family == "flux" and flux_keys.is_kohya_flux(list(state)):
-            loadable = flux_keys.to_diffusers(state)  # diffusers' own converter assumes FLUX.1's full width
         try:
             with _quiet_loaders():
                 self.pipe.load_lora_weights(loadable, adapter_name=name)
@@ -418,19 +446,7 @@ class Evaluator:
         """Prompt embeddings of a group, rows in `indices` order; cached unless the LoRA changes the TE."""
         if not fresh and key in self._embeds:
             return self._embeds[key]
-        negative = key[4]
-        do_cfg = key[3] > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
-        out = self.pipe.encode_prompt(
-            prompt=[self.prompts[i].text for i in indices],
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg,
-            negative_prompt=[negative] * len(indices) if negative else None,
-        )
-        names = ["prompt_embeds", "negative_prompt_embeds"]
-        if len(out) == 4:  # SDXL adds the pooled embeddings of its second text encoder
-            names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-        embeds = {n: t for n, t in zip(names, out, strict=True) if t is not None}
+        embeds = self.adapter.encode([self.prompts[i].text for i in indices], self.device, key[3], key[4])
         if not fresh:
             self._embeds[key] = embeds
         return embeds
@@ -452,6 +468,7 @@ class Evaluator:
                     num_inference_steps=steps,
                     guidance_scale=cfg_scale,
                     generator=[torch.Generator(gen_device).manual_seed(seeds[i]) for i in chunk],
+                    **self.adapter.call_kwargs(),
                 )
                 for i, image in zip(chunk, out.images, strict=True):
                     images[i] = image

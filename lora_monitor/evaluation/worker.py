@@ -84,7 +84,8 @@ def build_models(spec: RunSpec, inputs: Inputs) -> Models:
         cache_dir=spec.cache_dir,
     )
     warnings = list(scorer.set_references(inputs.references))
-    pipe = load_pipeline(str(spec.base_model), spec.sdxl, device, memory=config.eval.memory)
+    pipe = load_pipeline(str(spec.base_model), spec.sdxl, device, memory=config.eval.memory, family=spec.family,
+                         parts=dict(spec.model_parts))
     warnings += long_prompt_warnings(pipe, [*inputs.prompts, *inputs.holdout])
     plan = build_plan(inputs.prompts, inputs.holdout, config.eval.seeds_per_prompt, config.eval.seed)
     evaluator = Evaluator(pipe, list(plan.prompts), spec.eval_config, spec.output_dir)
