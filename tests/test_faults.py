@@ -26,7 +26,7 @@ def _rows(csv_path: Path) -> pd.DataFrame:
     if not csv_path.exists():
         return pd.DataFrame(columns=["checkpoint", "status"])
     frame = pd.read_csv(csv_path)
-    return frame[frame["status"] != "baseline"]
+    return frame[frame["checkpoint"] != "baseline"]
 
 
 def _wait_for(cond, timeout: float, proc: subprocess.Popen | None = None) -> None:

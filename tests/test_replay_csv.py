@@ -230,7 +230,8 @@ def replay_config(workdir: Path, demo_assets: Any, sd_scripts: Path) -> Path:
     kohya = {"output_name": "testlora", "max_train_steps": 6, "save_every_n_steps": 2, "save_every_n_epochs": 1,
              "learning_rate": 1e-4, "train_batch_size": 1, "network_dim": 4}
     config = write_config(workdir, demo_assets, kohya=kohya,
-                          eval_={"steps": 2, "prompts": str(prompts), "batch_size": 2})
+                          eval_={"steps": 2, "prompts": str(prompts), "batch_size": 2,
+                                 "seeds_per_prompt": 1, "holdout": False})  # one image a prompt
     text = config.read_text(encoding="utf-8")
     line = f"sd_scripts = {json.dumps(str(demo_assets.sd_scripts))}"
     assert line in text

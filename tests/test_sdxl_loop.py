@@ -142,7 +142,8 @@ def sdxl_config(workdir: Path, demo_assets: Any, base: Path) -> tuple[Path, Path
     kohya = {"pretrained_model_name_or_path": str(base), "output_name": "testlora", "max_train_steps": MAX_STEPS,
              "save_every_n_steps": SAVE_EVERY}
     config = write_config(workdir, demo_assets, kohya=kohya,
-                          eval_={"steps": 2, "width": 64, "height": 64, "prompts": str(prompts), "batch_size": 2})
+                          eval_={"steps": 2, "width": 64, "height": 64, "prompts": str(prompts), "batch_size": 2,
+                                 "holdout": False})
     text = config.read_text(encoding="utf-8")
     line = f"sd_scripts = {json.dumps(str(demo_assets.sd_scripts))}"
     assert line in text
@@ -181,7 +182,7 @@ def test_sdxl_run_is_trained_by_the_sdxl_script_and_evaluated_with_the_sdxl_pipe
         for column in METRICS:
             assert math.isfinite(float(row[column])), (name, column)
         images = sorted((out / "eval" / Path(name).stem).glob("[0-9][0-9].png"))
-        assert len(images) == PROMPTS.count("\n"), name
+        assert len(images) == 2 * PROMPTS.count("\n"), name  # two seeds a prompt (seeds_per_prompt = 2)
         for path in images:
             with Image.open(path) as image:
                 assert image.size == (64, 64), path

@@ -7,7 +7,7 @@ has no test branch: the faults are raised where the real ones come from (the dif
 the write of a CSV row).
 
   oom-over:N   every pipeline call with more than N images raises CUDA out of memory (N = 0: all of them)
-  enospc-row:K the K-th CSV row written fails with "No space left on device" (ENOSPC)
+  enospc-row:K the K-th CSV row written (the baseline is the first) fails with "No space left on device" (ENOSPC)
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _enospc_row(nth: int) -> Callable[[ModuleType], None]:
                 return getattr(real, name)
 
             def write(self, fd: int, data: bytes) -> int:
-                if not data.startswith(b"checkpoint,"):
+                if not data.startswith(b"step,epoch,"):  # the header is not a row
                     rows["n"] += 1
                     if rows["n"] == nth:
                         raise OSError(errno.ENOSPC, "No space left on device")
