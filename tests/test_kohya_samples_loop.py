@@ -59,7 +59,8 @@ def test_eval_dir_scores_a_replayed_sample_folder(tmp_path: Path, demo_assets) -
     """kohya's files copied into a fresh folder in training order (each PNG in pieces, as kohya writes in
     place); eval-dir --watch scores each sampling once complete, the same as eval-dir on the whole folder."""
     prompts = _prompts(tmp_path)
-    source = run_demo_trainer(tmp_path / "source", demo_assets, "demo_dress", **{**SAMPLING, "sample_prompts": prompts})
+    source = run_demo_trainer(tmp_path / "source", demo_assets, "demo_dress", logging_dir=tmp_path / "source" / "logs",
+                              **{**SAMPLING, "sample_prompts": prompts})
     settings = {"source": "kohya_samples", "prompts": str(prompts)}  # no [kohya] of this folder: [eval] prompts
     whole = cli("eval-dir", str(source), "--config", str(write_config(tmp_path / "a", demo_assets, eval_=settings)),
                 cwd=tmp_path, timeout=600)
