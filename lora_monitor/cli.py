@@ -144,19 +144,25 @@ def report(folder: Path, config_path: Path | None, csv_path: Path | None) -> Non
 @click.option("--scenario", type=click.Choice(["default", "overtrain"]),  # demo.build.SCENARIOS (no torch import here)
               default="default", show_default=True,
               help="overtrain: one training image trained far past its useful point, stopped as over-trained.")
+@click.option("--family", type=click.Choice(["sd", "flux"]),  # demo.build.FAMILY_SCRIPTS
+              default="sd", show_default=True,
+              help="flux: a tiny FLUX.1 trained by the bundled flux_train_network.py, scored with a FluxPipeline.")
 @_user_errors
-def demo(workdir: Path | None, scenario: str) -> None:
+def demo(workdir: Path | None, scenario: str, family: str) -> None:
     """Build the offline demo (tiny model, toy garments, config) and run `train` on it."""
     from lora_monitor.demo.run import prepare_demo
+    from lora_monitor.families import label
     from lora_monitor.run_spec import train_spec
     from lora_monitor.train_loop import run_train
 
-    config_path = prepare_demo(workdir, echo=lambda m: click.echo(f"[lora-monitor] {m}"), scenario=scenario)
+    config_path = prepare_demo(workdir, echo=lambda m: click.echo(f"[lora-monitor] {m}"), scenario=scenario,
+                               family=family)
     config = load_config(config_path)
     with _view() as view:
         code = run_train(config, view)
-    click.echo(f"[lora-monitor] demo finished (exit {code}); config: {config_path}")
     spec = train_spec(config)
+    name = "" if family == "sd" else f"{label(spec.family)} "  # the SD demo's line is as it always was
+    click.echo(f"[lora-monitor] {name}demo finished (exit {code}); config: {config_path}")
     click.echo(f"[lora-monitor] CSV: {spec.csv_path}  report: {spec.output_dir / 'report.html'}")
     sys.exit(code)
 

@@ -87,10 +87,12 @@ def make_models(transformer: dict[str, Any] | None = None, clip: dict[str, Any] 
 
 
 def build_tiny_flux(dir: Path, seed: int = 0, transformer: dict[str, Any] | None = None,
-                    clip: dict[str, Any] | None = None) -> Path:
+                    clip: dict[str, Any] | None = None, vae: torch.nn.Module | None = None) -> Path:
     """Write a tiny FLUX.1 diffusers folder to `dir` and return `dir`. Same `seed` -> same weights.
 
     Loadable with `FluxPipeline.from_pretrained(dir)`; generates at any multiple of 4 px (VAE scale 2, 2x2 packing).
+    `vae`: an AutoencoderKL with `transformer`'s in_channels / 4 latent channels instead of the random one (the
+    demo's near-identity VAE, so what the transformer learns can be seen in pixels).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
@@ -101,6 +103,8 @@ def build_tiny_flux(dir: Path, seed: int = 0, transformer: dict[str, Any] | None
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         models = make_models(transformer, clip)
+    if vae is not None:
+        models["vae"] = vae
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), tokenizer=clip_tokenizer,
                         tokenizer_2=t5_tokenizer, **models)
     pipe.save_pretrained(str(dir), safe_serialization=True)

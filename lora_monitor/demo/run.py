@@ -12,6 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_monitor.errors import UserError
+
+FLUX_DESCRIPTION = "a tiny FLUX.1 learns a red dress with the FLUX trainer; every checkpoint is scored live"
+
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -52,10 +56,15 @@ def demo_config_text(paths: Any, workdir: Path) -> str:
     metrics = {"fashion_clip_model": rel(paths.fashion_clip), "visual_model": rel(paths.dino)}
     from lora_monitor.demo.build import SCENARIOS
 
-    header = f"# lora-monitor demo: {SCENARIOS[paths.scenario].description}.\n# Paths are relative to this file.\n\n"
+    kohya = {"sd_scripts": str(paths.sd_scripts), "stop_grace_s": 10.0}
+    description = SCENARIOS[paths.scenario].description
+    if paths.family != "sd":  # kohya's FLUX.1 trainer; the SD demo's config names no script, as before
+        kohya = {"sd_scripts": str(paths.sd_scripts), "script": paths.script, "stop_grace_s": 10.0}
+        description = FLUX_DESCRIPTION
+    header = f"# lora-monitor demo: {description}.\n# Paths are relative to this file.\n\n"
     return (
         header
-        + _table("kohya", {"sd_scripts": str(paths.sd_scripts), "stop_grace_s": 10.0})
+        + _table("kohya", kohya)
         + "\n" + _table("kohya.args", args)
         + "\n" + _table("eval", eval_section)
         + "\n" + _table("metrics", metrics)
@@ -65,10 +74,12 @@ def demo_config_text(paths: Any, workdir: Path) -> str:
     )
 
 
-def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print, scenario: str = "default") -> Path:
+def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print, scenario: str = "default",
+                 family: str = "sd") -> Path:
     """Build (or reuse) the demo in `workdir` and return its config.toml. A finished run's output is moved aside.
 
     `scenario`: a key of `build.SCENARIOS` ("default", or "overtrain": one image trained far too long).
+    `family`: "sd" (tiny SD 1.x, train_network.py) or "flux" (tiny FLUX.1, flux_train_network.py).
     """
     from lora_monitor.demo.build import build_demo
     from lora_monitor.evaluation.worker import quiet_libraries
@@ -79,8 +90,12 @@ def prepare_demo(workdir: Path | None, echo: Callable[[str], None] = print, scen
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     label = "" if scenario == "default" else f" (scenario {scenario})"
+    label += " (FLUX.1)" if family == "flux" else ""
     echo(f"building the offline demo{label} in {workdir}")
-    paths = build_demo(workdir, scenario)
+    try:
+        paths = build_demo(workdir, scenario, family)
+    except ValueError as exc:  # a scenario the family has not
+        raise UserError(str(exc)) from None
     config = workdir / "config.toml"
     config.write_text(demo_config_text(paths, workdir), encoding="utf-8")
     output = workdir / "output"
