@@ -161,7 +161,24 @@ def mismatch(lora_family: str | None, base_family: str) -> str | None:
 
 def pipeline_family(pipe: object) -> str:
     """The family of a loaded diffusers pipeline, from its class."""
-    name = type(pipe).__name__
+    return family_of_pipeline_class(type(pipe).__name__)
+
+
+def family_of_model_folder(path: str | PurePath | None) -> str | None:
+    """The family of a diffusers model folder, from the pipeline class its `model_index.json` names; None when
+    `path` is no such folder (a hub id, a single file, no or an unreadable model_index.json)."""
+    import json
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(str(path)) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return family_of_pipeline_class(name) if isinstance(name, str) and name else None
+
+
+def family_of_pipeline_class(name: str) -> str:
+    """The family of a diffusers pipeline class name ("FluxPipeline" -> "flux"); SD for any other."""
     for marker, family in (("XL", "sdxl"), ("Flux2", "flux2"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
                            ("Lumina", "lumina"), ("HunyuanImage", "hunyuan_image")):
         if marker in name:

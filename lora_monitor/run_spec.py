@@ -16,7 +16,7 @@ from typing import Any
 
 from lora_monitor.config import Config, EvalConfig, KohyaConfig
 from lora_monitor.errors import UserError
-from lora_monitor.families import run_family
+from lora_monitor.families import BY_NAME, family_of_lora, family_of_model_folder, run_family
 from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint
 
 CSV_NAME = "loss_tracker.csv"
@@ -234,7 +234,9 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
 
         args, base = effective_args(config.kohya), kohya_cwd(config.kohya)
     own_run = _path(args.get("output_dir"), base) == folder
-    family = run_family(config.kohya.script, config.kohya.sdxl) if config.kohya else "sd"
+    family = run_family(config.kohya.script, config.kohya.sdxl) if config.kohya else None
+    base_model = _base_model(config, args, base)
+    family = family or _eval_dir_family(base_model, folder)
     logging_dir = _path(args.get("logging_dir"), base) if own_run else None
     return RunSpec(
         config=config,
@@ -242,7 +244,7 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
         output_name=str(args["output_name"]) if own_run and args.get("output_name") else None,
         csv_path=csv_path or config.output.csv or folder / CSV_NAME,
         logging_dir=logging_dir or folder / "logs",
-        base_model=_base_model(config, args, base),
+        base_model=base_model,
         sdxl=family == "sdxl",
         reference_dirs=_reference_dirs(config, config.kohya),
         kohya=None,
@@ -251,6 +253,28 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
         family=family,
         model_parts=_model_parts(args, base),
     )
+
+
+def _eval_dir_family(base_model: str | None, folder: Path) -> str:
+    """eval-dir without [kohya]: the family of the base model folder (its model_index.json's pipeline class), else
+    of the newest LoRA file that names one (ss_base_model_version, else its key layout), else SD. A family
+    lora-monitor cannot evaluate falls back to SD, whose rows then name both families instead of scoring."""
+    family = family_of_model_folder(base_model) or _folder_family(folder)
+    return family if family in BY_NAME and BY_NAME[family].supported else "sd"
+
+
+def _folder_family(folder: Path) -> str | None:
+    from lora_monitor.checkpoints.files import read_header
+    from lora_monitor.checkpoints.watcher import list_checkpoints
+
+    for path in sorted(list_checkpoints(folder), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            header = read_header(path)
+        except (OSError, ValueError):
+            continue
+        if family := family_of_lora(header.tensors, header.metadata):
+            return family
+    return None
 
 
 def _own_resolution(args: dict[str, Any], base: Path) -> tuple[int, int] | None:
