@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_monitor.policies.early_stopping import METRIC_MODES
-from lora_monitor.policies.overtraining import DEFAULT_BOUNDS, Bounds, flag_names, flag_rows
+from lora_monitor.policies.overtraining import DEFAULT_BOUNDS, Bounds, flag_names, flag_rows, number, step_of
 
 BEST_JSON = "best.json"
 BEST_SUFFIX = "-best.safetensors"
@@ -38,22 +38,6 @@ RULES = (NOT_OVERTRAINED, LOWEST_SCORE)
 RANKED_BY = "eval_score"  # lower is better; both rules rank by it, whatever early stopping monitors
 
 
-def _number(value: Any) -> float | None:
-    """A CSV cell as a finite float; empty, unparsable or non-finite cells are None."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _step(row: dict[str, Any]) -> int | None:
-    number = _number(row.get("step"))
-    return None if number is None else int(number)
-
-
 def select_best(rows: list[dict[str, Any]], monitor: str, mode: str) -> dict[str, Any] | None:
     """The row with the best finite `monitor` value among rows whose status is "ok"; None if there is none.
 
@@ -66,10 +50,10 @@ def select_best(rows: list[dict[str, Any]], monitor: str, mode: str) -> dict[str
     best: tuple[float, float, int] | None = None
     best_row: dict[str, Any] | None = None
     for index, row in enumerate(rows):
-        value = _number(row.get(monitor))
+        value = number(row.get(monitor))
         if str(row.get("status", "")).strip() != "ok" or value is None:
             continue
-        step = _step(row)
+        step = step_of(row)
         key = (sign * value, math.inf if step is None else float(step), index)
         if best is None or key < best:
             best, best_row = key, row
@@ -99,8 +83,8 @@ class Choice:
 
 
 def _excluded_entry(row: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
-    return {"checkpoint": str(row.get("checkpoint") or ""), "step": _step(row),
-            "eval_score": _number(row.get(RANKED_BY)), "reasons": list(reasons)}
+    return {"checkpoint": str(row.get("checkpoint") or ""), "step": step_of(row),
+            "eval_score": number(row.get(RANKED_BY)), "reasons": list(reasons)}
 
 
 def choose_best(rows: list[dict[str, Any]], rule: str = NOT_OVERTRAINED, bounds: Bounds = DEFAULT_BOUNDS) -> Choice:
@@ -114,7 +98,7 @@ def choose_best(rows: list[dict[str, Any]], rule: str = NOT_OVERTRAINED, bounds:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
     judged = [(row, reasons) for row, reasons in flag_rows(rows, bounds)
-              if str(row.get("status", "")).strip() == "ok" and _number(row.get(RANKED_BY)) is not None]
+              if str(row.get("status", "")).strip() == "ok" and number(row.get(RANKED_BY)) is not None]
     if rule == LOWEST_SCORE:
         best = select_best([row for row, _ in judged], RANKED_BY, "min")
         own = next((reasons for row, reasons in judged if row is best), [])
@@ -174,14 +158,14 @@ def best_record(best_row: dict[str, Any], rule: str, excluded: tuple[dict[str, A
                 flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """The content of best.json: checkpoint file name, step, epoch, finite metrics, the rule used, the
     checkpoints the rule excluded (with why) and the best's own over-training flags."""
-    metrics = {name: value for name in METRIC_MODES if (value := _number(best_row.get(name))) is not None}
+    metrics = {name: value for name in METRIC_MODES if (value := number(best_row.get(name))) is not None}
     for name, cell in best_row.items():  # metrics added by other scorers, beyond the known ones
-        if name not in metrics and name not in _NOT_METRICS and (value := _number(cell)) is not None:
+        if name not in metrics and name not in _NOT_METRICS and (value := number(cell)) is not None:
             metrics[name] = value
-    epoch = _number(best_row.get("epoch"))
+    epoch = number(best_row.get("epoch"))
     return {
         "checkpoint": str(best_row.get("checkpoint") or ""),
-        "step": _step(best_row),
+        "step": step_of(best_row),
         "epoch": None if epoch is None else int(epoch),
         "metrics": metrics,
         "rule": rule,
@@ -252,9 +236,9 @@ def best_strength(by_strength: dict[float, dict[str, Any]], baseline: Mapping[st
     """
     from lora_monitor.policies.overtraining import flags
 
-    scored = [(scale, metrics) for scale, metrics in by_strength.items() if _number(metrics.get(RANKED_BY)) is not None]
+    scored = [(scale, metrics) for scale, metrics in by_strength.items() if number(metrics.get(RANKED_BY)) is not None]
     if rule == NOT_OVERTRAINED:
         scored = [(scale, m) for scale, m in scored if not flags(m, baseline, [], bounds)]
     if not scored:
         return None
-    return min(scored, key=lambda item: (_number(item[1].get(RANKED_BY)), abs(item[0] - 1.0)))[0]
+    return min(scored, key=lambda item: (number(item[1].get(RANKED_BY)), abs(item[0] - 1.0)))[0]
