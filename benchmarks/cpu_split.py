@@ -47,7 +47,8 @@ from lora_monitor.demo.run import demo_config_text  # noqa: E402
 from lora_monitor.evaluation.inputs import check_inputs  # noqa: E402
 from lora_monitor.evaluation.worker import EvalWorker, build_models  # noqa: E402
 from lora_monitor.events import CheckpointReady, EvalResult, TrainProgress  # noqa: E402
-from lora_monitor.kohya.process import KohyaProcess, build_argv  # noqa: E402
+from lora_monitor.kohya.args import build_argv  # noqa: E402
+from lora_monitor.kohya.process import KohyaProcess  # noqa: E402
 from lora_monitor.run_spec import train_spec  # noqa: E402
 
 

@@ -95,7 +95,7 @@ def _base_model(config: Config, args: dict[str, Any], base: Path) -> str | None:
     value = args.get("pretrained_model_name_or_path")
     if not value:
         return None
-    from lora_monitor.kohya.process import looks_local
+    from lora_monitor.kohya.preflight import looks_local
 
     return str(_path(value, base)) if looks_local(str(value), base) else str(value)
 
@@ -112,7 +112,7 @@ def _reference_dirs(config: Config, kohya: KohyaConfig | None) -> tuple[Path, ..
         return (config.eval.references,)
     if kohya is None:
         return ()
-    from lora_monitor.kohya.process import effective_args, kohya_cwd, train_data_dirs
+    from lora_monitor.kohya.args import effective_args, kohya_cwd, train_data_dirs
 
     dirs = train_data_dirs(kohya)
     if not dirs:  # no DreamBooth sub-folders: the images lie in train_data_dir itself
@@ -143,7 +143,7 @@ def parse_resolution(value: object) -> tuple[int, int] | None:
 def _kohya_resolution(args: dict[str, Any], base: Path) -> tuple[int, int] | None:
     """As kohya's config_util picks it: the (first) dataset's own value, then [general], then the argument."""
     if args.get("dataset_config"):
-        from lora_monitor.kohya.process import read_dataset_config
+        from lora_monitor.kohya.args import read_dataset_config
 
         config = read_dataset_config(_path(args["dataset_config"], base))  # type: ignore[arg-type]
         datasets = config.get("datasets") or [{}]
@@ -189,7 +189,7 @@ def _folder_resolution(folder: Path) -> tuple[int, int] | None:
 
 def train_spec(config: Config) -> RunSpec:
     """The spec of `train`: kohya's effective arguments decide the folders and names."""
-    from lora_monitor.kohya.process import effective_args, kohya_cwd
+    from lora_monitor.kohya.args import effective_args, kohya_cwd
 
     if config.kohya is None:
         raise UserError(f"{config.source}: no [kohya] section; add [kohya] with sd_scripts and [kohya.args]")
@@ -230,7 +230,7 @@ def eval_dir_spec(config: Config, folder: Path, csv_path: Path | None = None) ->
     args: dict[str, Any] = {}
     base = folder
     if config.kohya is not None:
-        from lora_monitor.kohya.process import effective_args, kohya_cwd
+        from lora_monitor.kohya.args import effective_args, kohya_cwd
 
         args, base = effective_args(config.kohya), kohya_cwd(config.kohya)
     own_run = _path(args.get("output_dir"), base) == folder

@@ -31,7 +31,10 @@ from lora_monitor.evaluation.kohya_samples import (
 )
 from lora_monitor.evaluation.worker import EvalWorker, build_models, drain
 from lora_monitor.finish_evals import finish_evaluations
-from lora_monitor.kohya.process import CONSOLE_LOG_NAME, KohyaProcess, build_argv, preflight
+from lora_monitor.kohya.args import build_argv
+from lora_monitor.kohya.console_log import CONSOLE_LOG_NAME
+from lora_monitor.kohya.preflight import preflight
+from lora_monitor.kohya.process import KohyaProcess
 from lora_monitor.kohya.tensorboard import LogFollower
 from lora_monitor.lock import OutputLock
 from lora_monitor.policies.eval_schedule import EvalSchedule, EveryCheckpoint

@@ -18,15 +18,12 @@ from safetensors import safe_open
 from lora_monitor.config import KohyaConfig
 from lora_monitor.errors import UserError
 from lora_monitor.events import CheckpointSaving, TrainerExited, TrainerLog, TrainProgress
+from lora_monitor.kohya import args as kohya_args
+from lora_monitor.kohya import console_log as kohya_console_log
 from lora_monitor.kohya import process as kohya_process
-from lora_monitor.kohya.process import (
-    KohyaProcess,
-    build_argv,
-    effective_args,
-    exit_code,
-    preflight,
-    train_data_dirs,
-)
+from lora_monitor.kohya.args import build_argv, effective_args, train_data_dirs
+from lora_monitor.kohya.preflight import preflight
+from lora_monitor.kohya.process import KohyaProcess, exit_code
 from tests.kohya.test_output_parser import EXPECTED, PROGRESS
 from tests.kohya_replay import FIXTURE_OUT, SAVES, replay_plan
 
@@ -392,7 +389,7 @@ def test_build_argv_accelerate_uses_the_venvs_accelerate(tmp_path: Path,
         "--num_cpu_threads_per_process", "1", "/opt/sd-scripts/train_network.py", "--seed", "1",
     ]
     (bin_dir / "accelerate").unlink()
-    monkeypatch.setattr(kohya_process.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kohya_args.shutil, "which", lambda name: None)
     assert build_argv(kohya)[:4] == [str(bin_dir / "python"), "-m", "accelerate.commands.accelerate_cli",
                                      "launch"]
 
@@ -677,20 +674,20 @@ def test_kohya_log_whose_header_cannot_be_written_leaves_no_file(tmp_path: Path,
     def full(fd: int, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(kohya_process.os, "write", full)
+    monkeypatch.setattr(kohya_console_log.os, "write", full)
     log_path = tmp_path / "kohya.log"
     with pytest.raises(OSError):
-        kohya_process.ConsoleLog.open(log_path, ["python", "x.py"], tmp_path)
+        kohya_console_log.ConsoleLog.open(log_path, ["python", "x.py"], tmp_path)
     assert not log_path.exists()
 
 
 def test_kohya_log_write_failure_is_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = kohya_process.ConsoleLog.open(tmp_path / "kohya.log", ["python", "x.py"], tmp_path)
+    log = kohya_console_log.ConsoleLog.open(tmp_path / "kohya.log", ["python", "x.py"], tmp_path)
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(kohya_process.os, "write", full)
+    monkeypatch.setattr(kohya_console_log.os, "write", full)
     first = log.write(b"steps\n")
     assert first is not None and "No space left on device" in first
     assert log.write(b"more\n") is None
