@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lora_monitor.config import EvalConfig  # noqa: E402
 from lora_monitor.evaluation import evaluator as ev  # noqa: E402
+from lora_monitor.evaluation import lora_state as ls  # noqa: E402
+from lora_monitor.evaluation import pipeline_loading as pl  # noqa: E402
 from lora_monitor.evaluation.prompts import Prompt  # noqa: E402
 
 GIB = 2**30
@@ -208,7 +210,7 @@ def build_pipeline(mode: str, workdir: Path, device: torch.device) -> tuple[Any,
     from lora_monitor.demo.sd_model import build_tiny_sd
     from lora_monitor.demo.tokenizer import build_clip_tokenizer
 
-    dtype = ev.device_dtype(device)
+    dtype = pl.device_dtype(device)
     if mode == "tiny":
         folder = workdir / "tiny-sd"
         if not (folder / "model_index.json").exists():
@@ -243,7 +245,7 @@ def build_pipeline(mode: str, workdir: Path, device: torch.device) -> tuple[Any,
         pipe.to(dtype=dtype)
         size = 64 if mode == "small" else 512
     pipe.set_progress_bar_config(disable=True)
-    ev.ensure_sdpa(pipe)
+    pl.ensure_sdpa(pipe)
     return pipe, size
 
 
@@ -297,7 +299,7 @@ def naive_checkpoint(
     Returns the images and the seconds spent loading + dropping the LoRA.
     """
     started = time.perf_counter()
-    with ev._quiet_loaders():
+    with ls.quiet_loaders():
         setup.pipe.load_lora_weights(str(path), adapter_name=name)
     swap = time.perf_counter() - started
     images = []
@@ -608,13 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ev.resolve_device(args.device or ("cpu" if args.tiny else "auto"))
+    device = pl.resolve_device(args.device or ("cpu" if args.tiny else "auto"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="eval-speed-"))
     workdir.mkdir(parents=True, exist_ok=True)
     pipe, size = build_pipeline(args.mode, workdir, device)
     rank = args.rank or (4 if args.tiny else 16)
     loras = make_loras(pipe.unet, workdir / f"loras-{args.mode}-r{rank}", args.checkpoints + 1, rank)
-    ev.place_pipeline(pipe, device, "full")
+    pl.place_pipeline(pipe, device, "full")
     setup = Setup(pipe=pipe, device=device, size=size, loras=loras, lora_rank=rank)
     cfg = EvalConfig(
         device=str(device),

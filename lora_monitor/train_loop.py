@@ -198,7 +198,7 @@ def cpu_share(config: Config, spec: RunSpec) -> CpuShare:
     """How kohya and the evaluator share the CPU (see lora_monitor/cpu_share.py); nothing without evaluation."""
     if not config.eval.enabled or spec.kohya is None:
         return CpuShare()
-    from lora_monitor.evaluation.evaluator import resolve_device
+    from lora_monitor.evaluation.pipeline_loading import resolve_device
 
     on_cpu = resolve_device(device_name(config)).type == "cpu"
     return plan(spec.kohya, on_cpu, os.environ, usable_cores())

@@ -131,7 +131,7 @@ def test_long_prompt_is_a_warning_not_an_error(tmp_path: Path, demo_assets) -> N
     import torch
 
     from lora_monitor.demo.sd_model import build_tiny_sd  # noqa: F401 - the tokenizer comes with the model
-    from lora_monitor.evaluation.evaluator import load_pipeline
+    from lora_monitor.evaluation.pipeline_loading import load_pipeline
     from lora_monitor.evaluation.prompts import Prompt
     from lora_monitor.evaluation.worker import long_prompt_warnings
 

@@ -72,8 +72,9 @@ def quiet_libraries() -> None:
 def build_models(spec: RunSpec, inputs: Inputs) -> Models:
     quiet_libraries()
     config = spec.config
-    from lora_monitor.evaluation.evaluator import Evaluator, load_pipeline, resolve_device
+    from lora_monitor.evaluation.evaluator import Evaluator
     from lora_monitor.evaluation.metrics import Scorer
+    from lora_monitor.evaluation.pipeline_loading import load_pipeline, resolve_device
 
     device = resolve_device(config.eval.device)
     scorer = Scorer(

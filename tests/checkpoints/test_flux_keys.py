@@ -18,6 +18,7 @@ from lora_monitor.checkpoints import coverage, flux_keys
 from lora_monitor.config import EvalConfig
 from lora_monitor.errors import EvalError
 from lora_monitor.evaluation import evaluator as ev
+from lora_monitor.evaluation import lora_state as ls
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -131,7 +132,7 @@ def test_fixture_through_the_evaluator_equals_the_base_plus_the_hand_computed_de
     pipe, base, config = tiny_flux["pipe"], tiny_flux["base"], tiny_flux["config"]
     evaluator = ev.Evaluator(pipe, [], EvalConfig(device="cpu"), tmp_path)
     assert evaluator.family == "flux"
-    state = ev._load_lora_state(FIXTURES / "flux" / "tiny-step00000004.safetensors", evaluator.family)
+    state = ls.load_lora_state(FIXTURES / "flux" / "tiny-step00000004.safetensors", evaluator.family)
     evaluator.swap_in(state)  # raises unless all 25 modules (13 transformer, 12 CLIP-L) reached their layers
     adapted = coverage.adapted_targets(evaluator._components(), evaluator._adapter)
     assert len(adapted) == 20 + 12

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from lora_monitor.config import EvalConfig
 from lora_monitor.evaluation import evaluator as ev
+from lora_monitor.evaluation import pipeline_loading as pl
 from lora_monitor.evaluation.prompts import Prompt
 from tests.conftest import cli
 
@@ -101,7 +102,7 @@ def test_every_module_reaches_the_pipeline_and_acts_as_the_trainer_applied_it(de
     workdir = demo_run[0]
     model, path = workdir / "models" / "tiny-flux", workdir / "output" / "demo_flux_dress.safetensors"
     state = load_file(str(path))
-    pipe = ev.load_pipeline(str(model), False, torch.device("cpu"), family="flux")
+    pipe = pl.load_pipeline(str(model), False, torch.device("cpu"), family="flux")
     evaluator = ev.Evaluator(pipe, [Prompt("a red dress")], EvalConfig(device="cpu", steps=2), tmp_path)
     evaluator.swap_in(state)  # raises EvalError naming any module that reached no layer
     torch.manual_seed(0)

@@ -22,6 +22,8 @@ from lora_monitor.config import EvalConfig
 from lora_monitor.demo.sd_model import build_tiny_sd
 from lora_monitor.errors import EvalError, UserError
 from lora_monitor.evaluation import evaluator as ev
+from lora_monitor.evaluation import lora_state as ls
+from lora_monitor.evaluation import pipeline_loading as pl
 from lora_monitor.evaluation.prompts import Prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +93,7 @@ def loras(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 @pytest.fixture(scope="module")
 def loaded(base: Path) -> object:
-    return ev.load_pipeline(str(base), False, torch.device("cpu"))
+    return pl.load_pipeline(str(base), False, torch.device("cpu"))
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def make(base: Path, loaded: object, tmp_path: Path) -> Iterator[Make]:
     def build(prompts: list[Prompt] = PROMPTS, load: bool = False, **changes: object) -> ev.Evaluator:
         cfg = dataclasses.replace(CFG, **changes)
         if load:
-            pipe = ev.load_pipeline(str(base), False, torch.device("cpu"))
+            pipe = pl.load_pipeline(str(base), False, torch.device("cpu"))
         else:
             pipe = StableDiffusionPipeline(**copy.deepcopy(loaded.components))  # type: ignore[attr-defined]
             pipe.set_progress_bar_config(disable=True)
@@ -134,12 +136,12 @@ def same(a: ev.Generated, b: ev.Generated) -> bool:
     ],
 )
 def test_choose_memory_mode(memory: str, device: str, weights: int, free: int | None, expected: str) -> None:
-    assert ev.choose_memory_mode(memory, device, weights, free) == expected
+    assert pl.choose_memory_mode(memory, device, weights, free) == expected
 
 
 def test_choose_memory_mode_rejects_unknown() -> None:
     with pytest.raises(UserError, match="auto"):
-        ev.choose_memory_mode("lots", "cuda", 1, 1)
+        pl.choose_memory_mode("lots", "cuda", 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +158,7 @@ def test_choose_memory_mode_rejects_unknown() -> None:
 def test_pick_dtype(
     device: str, capability: tuple[int, int] | None, bf16: bool, expected: torch.dtype
 ) -> None:
-    assert ev.pick_dtype(device, capability, bf16) == expected
+    assert pl.pick_dtype(device, capability, bf16) == expected
 
 
 @pytest.mark.parametrize(
@@ -171,15 +173,15 @@ def test_pick_dtype(
     ],
 )
 def test_lora_key_classification(keys: list[str], te: bool, layers: int) -> None:
-    assert ev.touches_text_encoder(keys) is te
-    assert ev.lora_layer_count(keys) == layers
+    assert ls.touches_text_encoder(keys) is te
+    assert ls.lora_layer_count(keys) == layers
 
 
 # ------------------------------------------------------------------------------- pipeline and swaps
 def test_load_pipeline_cpu_fp32_with_sdpa(base: Path) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    pipe = ev.load_pipeline(str(base), False, torch.device("cpu"))
+    pipe = pl.load_pipeline(str(base), False, torch.device("cpu"))
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
     assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}
     pipe.unet.set_attn_processor(AttnProcessor())
@@ -495,7 +497,7 @@ def test_sd1_fixture_from_kohya_is_applied_module_by_module(make: Make) -> None:
     evaluator = make()
     evaluator.pipe.unet = unet.to_empty(device="cpu")
     evaluator.pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
-    state = ev._load_lora_state(folder / "tiny-step00000004.safetensors", evaluator.family)
+    state = ls.load_lora_state(folder / "tiny-step00000004.safetensors", evaluator.family)
     evaluator.swap_in(state)
     layers = sum(len(t) for t in coverage.expected_targets(state, "sd").values())
     assert len(coverage.adapted_targets(evaluator._components(), evaluator._adapter)) == layers == 24

@@ -17,6 +17,8 @@ from lora_monitor.demo.flux_model import build_tiny_flux
 from lora_monitor.errors import UserError
 from lora_monitor.evaluation import evaluator as ev
 from lora_monitor.evaluation import flux_files
+from lora_monitor.evaluation import lora_state as ls
+from lora_monitor.evaluation import pipeline_loading as pl
 from lora_monitor.evaluation.prompts import Prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +43,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_flux_defaults_guidance_embedding_no_negative_prompt(tiny: Path, tmp_path: Path) -> None:
-    pipe = ev.load_pipeline(str(tiny), False, CPU, family="flux")
+    pipe = pl.load_pipeline(str(tiny), False, CPU, family="flux")
     assert type(pipe).__name__ == "FluxPipeline"
     evaluator = ev.Evaluator(pipe, PROMPTS, EvalConfig(device="cpu", negative_prompt="blurry"), tmp_path)
     # 128 latent px x the tiny VAE's scale 2 (FLUX.1: x 8 = 1024); 20 steps; guidance 3.5; no negative prompt
@@ -51,7 +53,7 @@ def test_flux_defaults_guidance_embedding_no_negative_prompt(tiny: Path, tmp_pat
 
 
 def test_kohya_lora_changes_images_and_the_base_comes_back_bit_for_bit(tiny: Path, tmp_path: Path) -> None:
-    pipe = ev.load_pipeline(str(tiny), False, CPU, family="flux")
+    pipe = pl.load_pipeline(str(tiny), False, CPU, family="flux")
     evaluator = ev.Evaluator(pipe, PROMPTS, _cfg(), tmp_path)
     base = evaluator.generate_base()
     assert [im.size for im in base.images] == [(64, 64)] * 3 and base.seeds == [42, 11, 44]
@@ -61,16 +63,16 @@ def test_kohya_lora_changes_images_and_the_base_comes_back_bit_for_bit(tiny: Pat
     again = evaluator.generate_base()
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(base.images), _pixels(again.images), strict=True))
     # a fresh pipeline gives the same LoRA images: fixed CPU-generator seeds, same merge
-    other = ev.Evaluator(ev.load_pipeline(str(tiny), False, CPU, family="flux"), PROMPTS, _cfg(), tmp_path)
+    other = ev.Evaluator(pl.load_pipeline(str(tiny), False, CPU, family="flux"), PROMPTS, _cfg(), tmp_path)
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(with_lora.images),
                                                      _pixels(other.generate(FIXTURE).images), strict=True))
 
 
 def test_merged_lora_reaches_the_transformer_and_is_restored(tiny: Path, tmp_path: Path) -> None:
-    pipe = ev.load_pipeline(str(tiny), False, CPU, family="flux")
+    pipe = pl.load_pipeline(str(tiny), False, CPU, family="flux")
     evaluator = ev.Evaluator(pipe, PROMPTS, _cfg(), tmp_path)
     before = pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach().clone()
-    evaluator.swap_in(ev._load_lora_state(FIXTURE, "flux"))
+    evaluator.swap_in(ls.load_lora_state(FIXTURE, "flux"))
     layer = pipe.transformer.transformer_blocks[0].attn.to_q  # now peft's wrapper of the same Linear
     with evaluator._merged():
         merged = layer.base_layer.weight.detach().clone()
@@ -79,7 +81,7 @@ def test_merged_lora_reaches_the_transformer_and_is_restored(tiny: Path, tmp_pat
 
 
 def test_prompt_embeddings_are_computed_once_per_run_without_a_text_encoder_lora(tiny: Path, tmp_path: Path) -> None:
-    pipe = ev.load_pipeline(str(tiny), False, CPU, family="flux")
+    pipe = pl.load_pipeline(str(tiny), False, CPU, family="flux")
     evaluator = ev.Evaluator(pipe, PROMPTS, _cfg(), tmp_path)
     calls = []
     encode = evaluator.adapter.encode
@@ -200,8 +202,8 @@ def test_pipeline_assembled_from_kohyas_files_generates_what_the_diffusers_folde
 ) -> None:
     parts = {"clip_l": str(kohya_files["clip_l"]), "t5xxl": str(kohya_files["t5xxl"]), "ae": str(kohya_files["ae"]),
              "tokenizer_cache_dir": str(kohya_files["cache"])}
-    assembled = ev.load_pipeline(str(kohya_files["flux"]), False, CPU, family="flux", parts=parts)
-    folder = ev.load_pipeline(str(kohya_files["folder"]), False, CPU, family="flux")
+    assembled = pl.load_pipeline(str(kohya_files["flux"]), False, CPU, family="flux", parts=parts)
+    folder = pl.load_pipeline(str(kohya_files["folder"]), False, CPU, family="flux")
     assert assembled.transformer.config.num_attention_heads == 1 and assembled.transformer.config.guidance_embeds
     images = [ev.Evaluator(p, PROMPTS[:2], _cfg(), tmp_path).generate_base().images for p in (assembled, folder)]
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(images[0]), _pixels(images[1]), strict=True))
@@ -209,7 +211,7 @@ def test_pipeline_assembled_from_kohyas_files_generates_what_the_diffusers_folde
 
 def test_missing_kohya_parts_fail_in_one_line(kohya_files: dict[str, Path]) -> None:
     with pytest.raises(UserError, match=r"kohya's --t5xxl, --ae must be given too") as err:
-        ev.load_pipeline(str(kohya_files["flux"]), False, CPU, family="flux",
+        pl.load_pipeline(str(kohya_files["flux"]), False, CPU, family="flux",
                          parts={"clip_l": str(kohya_files["clip_l"])})
     assert "\n" not in str(err.value)
 

@@ -68,7 +68,7 @@ def _sgm_unet_name(name: str) -> str:
 def sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    from lora_monitor.evaluation.evaluator import load_pipeline
+    from lora_monitor.evaluation.pipeline_loading import load_pipeline
     from tests.sdxl_model import build_tiny_sdxl
 
     folder = build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
