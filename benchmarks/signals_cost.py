@@ -8,6 +8,7 @@ demo training with the real `evaluate_one` (generate, save, score, signals):
   holdout       holdout = true (the 4 built-in held-out prompts)          (+ clip_t_holdout)
   default       seeds_per_prompt = 2 and holdout = true                   (the defaults)
   strength      the defaults and strengths = [0.5, 1.0]                   (one extra scale)
+  strengths2    the defaults and strengths = [0.5, 1.0, 1.5]              (two extra scales, batched together)
 
 copy_distance/copies run in every plan (no switch: numpy on the images already generated); their share is
 timed separately, as is the baseline. Rounds alternate the plans so load changes hit all of them alike.
@@ -38,6 +39,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "holdout": {"seeds_per_prompt": 1, "holdout": True},
     "default": {"seeds_per_prompt": 2, "holdout": True},
     "strength": {"seeds_per_prompt": 2, "holdout": True, "strengths": [0.5, 1.0]},
+    "strengths2": {"seeds_per_prompt": 2, "holdout": True, "strengths": [0.5, 1.0, 1.5]},
 }
 
 
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_to_before": {name: per[name] / per["before"] for name in PLANS},
         "images_per_checkpoint": images,
         "extra_strength_s": per["strength"] - per["default"],
+        "two_extra_strengths_batched_s": per["strengths2"] - per["default"],
         "signals_alone_s": statistics.median(signal_s),
         "baseline_once_s": statistics.median(baseline_s),
         "checkpoints": len(loras), "rounds": args.rounds, "threads": args.threads,

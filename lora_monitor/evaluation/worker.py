@@ -160,8 +160,8 @@ def evaluate_one(models: Models, ready: CheckpointReady, fingerprints: dict[str,
         generated = models.evaluator.generate(path)  # type: ignore[attr-defined]
         models.evaluator.save(path, ready.step, generated)  # type: ignore[attr-defined]
         metrics = judge(models, generated)
-        by_strength = {s: judge(models, models.evaluator.at_strength(s))  # type: ignore[attr-defined]
-                       for s in models.strengths}
+        extra = models.evaluator.at_strengths(list(models.strengths)) if models.strengths else {}  # type: ignore[attr-defined]
+        by_strength = {s: judge(models, images) for s, images in extra.items()}
         fingerprints[fp] = (path.name, dict(metrics))
         return EvalResult(path, ready.step, dict(metrics), seconds=time.monotonic() - started,
                           by_strength=by_strength)

@@ -543,3 +543,23 @@ def test_lora_of_another_family_fails_naming_both_families(
                                         r"SD 1\.x/2\.x base model"):
         evaluator.generate(path)
     assert evaluator.pipe.get_list_adapters() in ({}, {"unet": []})
+
+
+def test_strengths_batched_together_match_one_pass_per_strength(make: Make, loras: Loras) -> None:
+    evaluator = make(batch_size=4)  # 3 prompts x 2 scales: mixed-scale batches
+    evaluator.generate(loras["a"])
+    one_by_one = {s: evaluator.at_strength(s) for s in (0.5, 1.5)}
+    batched = evaluator.at_strengths([0.5, 1.5], batched=True)
+    for s in (0.5, 1.5):
+        assert batched[s].seeds == one_by_one[s].seeds
+        pairs = zip(pixels(batched[s]), pixels(one_by_one[s]), strict=True)
+        assert all(np.abs(x.astype(int) - y).max() <= 2 for x, y in pairs), s  # merged vs unmerged: rounding
+    assert not same(batched[0.5], batched[1.5])
+    assert same(evaluator.at_strength(1.0), evaluator.generate(loras["a"]))  # the hooks are gone, scale restored
+
+
+def test_strengths_with_a_text_encoder_lora_go_one_pass_each(make: Make, loras: Loras) -> None:
+    evaluator = make()
+    evaluator.generate(loras["te"])
+    batched = evaluator.at_strengths([0.5, 1.5], batched=True)
+    assert same(batched[0.5], evaluator.at_strength(0.5)) and same(batched[1.5], evaluator.at_strength(1.5))
