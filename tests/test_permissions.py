@@ -31,6 +31,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def nobody_can_run_lora_monitor() -> None:
+    """The interpreter and this checkout must be readable by `nobody` (a checkout in a private home folder is
+    not); otherwise these tests say so and skip rather than fail for a reason that is not lora-monitor's."""
+    assert SETPRIV is not None
+    probe = subprocess.run([SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+                            "-c", "import lora_monitor.cli"], cwd=tempfile.gettempdir(), capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "HOME": tempfile.gettempdir()})
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"user nobody cannot run {sys.executable} with this checkout ({last})")
+
+
 @pytest.fixture()
 def open_dir() -> Iterator[Path]:
     """A folder `nobody` can read (pytest's own tmp folders are private to root)."""
