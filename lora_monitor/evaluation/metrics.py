@@ -442,10 +442,12 @@ class Scorer:
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one prompt per image")
         return clip_t_score(self._clip.embed_images(images), self._clip.embed_texts(list(prompts)))
 
-    def score(self, images: list[Image.Image], prompts: list[str] | None = None) -> dict[str, float]:
+    def score(self, images: list[Image.Image], prompts: list[str] | None = None,
+              visual_embeddings: np.ndarray | None = None) -> dict[str, float]:
         """Metrics of `images` (one checkpoint) against the references, keys in METRIC_COLUMNS order.
 
         clip_t is present only when `prompts` (one per image, trigger words kept) is given.
+        visual_embeddings: `embed_visual(images)` when the caller already has it (diversity uses the same).
         """
         if self._refs is None:
             raise RuntimeError("Scorer.set_references() must be called before score()")
@@ -455,7 +457,9 @@ class Scorer:
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one prompt per image")
         clip_images = self._clip.embed_images(images)
         values = {
-            "visual_loss": pairwise_cosine_loss(self._dino.embed_images(images), self._refs["visual"]),
+            "visual_loss": pairwise_cosine_loss(
+                self._dino.embed_images(images) if visual_embeddings is None else visual_embeddings,
+                self._refs["visual"]),
             "fashion_clip_loss": pairwise_cosine_loss(clip_images, self._refs["fashion_clip"]),
             "color_loss": stats_distance(pool_stats([color_stats(im) for im in images]), self._refs["color"]),
         }

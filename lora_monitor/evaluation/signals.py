@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from lora_monitor.evaluation.diversity import diversity
@@ -18,8 +19,11 @@ from lora_monitor.evaluation.memorisation import CopyIndex, count_copies
 
 
 def overtraining_signals(scorer: Any, copies: CopyIndex | None, copy_threshold: float, plan: ImagePlan,
-                         images: Sequence[Image.Image]) -> dict[str, float]:
-    """The signals the plan allows: clip_t_holdout needs held-out prompts, diversity two seeds of a prompt."""
+                         images: Sequence[Image.Image], main_visual: np.ndarray | None = None) -> dict[str, float]:
+    """The signals the plan allows: clip_t_holdout needs held-out prompts, diversity two seeds of a prompt.
+
+    main_visual: the evaluation prompts' DINO embeddings when the caller already computed them for visual_loss.
+    """
     if len(images) != len(plan.prompts):
         raise ValueError(f"{len(images)} images for a plan of {len(plan.prompts)}")
     out: dict[str, float] = {}
@@ -27,7 +31,9 @@ def overtraining_signals(scorer: Any, copies: CopyIndex | None, copy_threshold: 
     if held:
         out["clip_t_holdout"] = scorer.text_alignment([images[i] for i in held], plan.texts(HOLDOUT))
     main = plan.indices(MAIN)
-    value = diversity(scorer.embed_visual([images[i] for i in main]), plan.texts(MAIN)) if main else None
+    if main and main_visual is None:
+        main_visual = scorer.embed_visual([images[i] for i in main])
+    value = diversity(main_visual, plan.texts(MAIN)) if main else None
     if value is not None:
         out["diversity"] = value
     if copies is not None:

@@ -105,10 +105,13 @@ def judge(models: Models, generated: Generated) -> dict[str, float]:
     images = generated.images
     if models.plan is None:  # a plan of the evaluation prompts alone, one seed each
         return models.scorer.score(images, generated.prompts)  # type: ignore[attr-defined]
-    main = models.plan.indices(MAIN)
-    metrics = models.scorer.score([images[i] for i in main],  # type: ignore[attr-defined]
-                                  [generated.prompts[i] for i in main])
-    metrics.update(overtraining_signals(models.scorer, models.copies, models.copy_threshold, models.plan, images))
+    main_images = [images[i] for i in models.plan.indices(MAIN)]
+    # one DINO pass serves visual_loss and diversity
+    visual = models.scorer.embed_visual(main_images) if main_images else None  # type: ignore[attr-defined]
+    metrics = models.scorer.score(main_images, models.plan.texts(MAIN),  # type: ignore[attr-defined]
+                                  visual_embeddings=visual)
+    metrics.update(overtraining_signals(models.scorer, models.copies, models.copy_threshold, models.plan, images,
+                                        main_visual=visual))
     return metrics
 
 
