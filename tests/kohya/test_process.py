@@ -338,15 +338,17 @@ def test_exit_code(returncode: int, expected: int) -> None:
 
 # -- kohya.log: the output as it came --------------------------------------------------------------------------
 
+# Each unit is one write: stdout and stderr are two pipes read by two threads, so the log keeps each write
+# whole but their order across the pipes is the order the threads read them in (as a terminal shows them).
 CHATTY_SCRIPT = r'''
 import sys, time
-print("epoch 1/1")
-sys.stderr.write("\rsteps:   0%|          | 0/2 [00:00<?, ?it/s]")
-sys.stderr.write("\rsteps:  50%|#####     | 1/2 [00:01<00:01,  1.00s/it, avr_loss=0.5]")
+sys.stdout.write("epoch 1/1\n")
+sys.stderr.write("\rsteps:   0%|          | 0/2 [00:00<?, ?it/s]"
+                 "\rsteps:  50%|#####     | 1/2 [00:01<00:01,  1.00s/it, avr_loss=0.5]")
 sys.stderr.flush()
 if "--hold" in sys.argv:
     time.sleep(30)
-print("bytes \xe9\x00 end")
+sys.stdout.write("bytes \xe9\x00 end\n")
 '''
 
 
