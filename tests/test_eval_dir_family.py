@@ -35,9 +35,12 @@ def _lora(folder: Path, name: str, key: str, metadata: dict[str, str]) -> None:
     (None, [(SD_KEY, {"ss_base_model_version": "sdxl_base_v1-0"})], "sdxl"),
     (None, [(SD_KEY, {})], "sd"),  # diffusers-named UNet modules fit SD and SDXL: the default
     (None, [], "sd"),
+    ("StableDiffusion3Pipeline", [], "sd3"),
+    (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {"ss_base_model_version": "5-large"})], "sd3"),
+    (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {})], "sd3"),
     # a family lora-monitor cannot evaluate yet: SD, whose rows then name both families
-    ("StableDiffusion3Pipeline", [], "sd"),
-    (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {"ss_base_model_version": "sd3"})], "sd"),
+    ("Lumina2Pipeline", [], "sd"),
+    (None, [("lora_unet_layers_0_attention_qkv", {"ss_base_model_version": "lumina2"})], "sd"),
 ])
 def test_family_without_kohya_section(tmp_path: Path, class_name: str | None, files: list, family: str) -> None:
     base = tmp_path / "base"

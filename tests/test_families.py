@@ -88,9 +88,8 @@ def _config(tmp_path: Path, kohya: str) -> str:
 @pytest.mark.parametrize(
     ("kohya", "message"),
     [
-        ('script = "sd3_train_network.py"',
-         "kohya.script = 'sd3_train_network.py' trains SD3.x LoRAs, which lora-monitor cannot evaluate yet"),
-        ('script = "lumina_train_network.py"', "trains Lumina 2 LoRAs"),
+        ('script = "lumina_train_network.py"',
+         "kohya.script = 'lumina_train_network.py' trains Lumina 2 LoRAs, which lora-monitor cannot evaluate yet"),
         ('script = "anima_train_network.py"', "trains Anima LoRAs"),
         ('script = "hunyuan_image_train_network.py"', "trains HunyuanImage 2.1 LoRAs"),
         ('script = "train_network.py"\nsdxl = true', "kohya.sdxl = true but kohya.script = 'train_network.py'"),
@@ -103,7 +102,7 @@ def test_unsupported_family_fails_at_config_load_in_one_line(tmp_path: Path, koh
     assert message in text and "\n" not in text
     if "cannot evaluate" in text:
         assert text.endswith("supported: SD 1.x/2.x (train_network.py), SDXL (sdxl_train_network.py), "
-                             "FLUX.1 (flux_train_network.py)")
+                             "FLUX.1 (flux_train_network.py), SD3.x (sd3_train_network.py)")
 
 
 @pytest.mark.parametrize(
@@ -113,6 +112,7 @@ def test_unsupported_family_fails_at_config_load_in_one_line(tmp_path: Path, koh
         ('script = "sdxl_train_network.py"', "sdxl", True),
         ("sdxl = true", "sdxl", True),
         ('script = "flux_train_network.py"', "flux", False),
+        ('script = "sd3_train_network.py"', "sd3", False),
     ],
 )
 def test_run_spec_family(tmp_path: Path, kohya: str, family: str, sdxl: bool) -> None:

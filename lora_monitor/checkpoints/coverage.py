@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lora_monitor.checkpoints import flux_keys
+from lora_monitor.checkpoints import family_keys
 from lora_monitor.checkpoints.files import NotALoraError
 from lora_monitor.checkpoints.formats import SD_LAYERS_PER_BLOCK, ldm_to_diffusers_unet
 
@@ -88,10 +88,11 @@ def _sd_targets(state: Mapping[str, torch.Tensor], layers_per_block: int) -> dic
     return out
 
 
-def _flux_targets(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[Target, ...]]:
+def _mapped_targets(state: Mapping[str, torch.Tensor], family: str) -> dict[str, tuple[Target, ...]]:
     out: dict[str, tuple[Target, ...]] = {}
     for name in _kohya_names(state):
-        parts = flux_keys.module_parts(name, state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"])
+        down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+        parts = family_keys.module_parts(family, name, down, up)
         out[name] = tuple(_target(p.component, p.path) for p in parts) if parts else (("?", name),)
     return out
 
@@ -99,15 +100,15 @@ def _flux_targets(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[Target, 
 def expected_targets(
     state: Mapping[str, torch.Tensor], family: str, layers_per_block: int = SD_LAYERS_PER_BLOCK
 ) -> dict[str, tuple[Target, ...]]:
-    """File module name -> the layers it must reach in a pipeline of `family` ('sd', 'sdxl', 'flux', ...).
+    """File module name -> the layers it must reach in a pipeline of `family` ('sd', 'sdxl', 'flux', 'sd3', ...).
 
     `state` is the file's LoRA as formats.normalize_lora_state returns it (kohya names kept, others in peft form);
     `layers_per_block` is the UNet's, for SDXL's original (sgm) UNet names.
     """
     if not any(k.endswith(".lora_down.weight") for k in state):
         return _peft_targets(state)
-    if family == "flux":
-        return _flux_targets(state)
+    if family_keys.has_mapping(family):
+        return _mapped_targets(state, family)
     return _sd_targets(state, layers_per_block)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lora_monitor.checkpoints import coverage, flux_keys
+from lora_monitor.checkpoints import coverage, family_keys
 from lora_monitor.config import EvalConfig
 from lora_monitor.errors import EvalError
 from lora_monitor.evaluation.lora_state import (
@@ -206,9 +206,7 @@ class Evaluator:
     def swap_in(self, state: dict[str, torch.Tensor]) -> None:
         """Make `state` (a LoRA state dict) the only active adapter; EvalError if it does not load."""
         sig = lora_signature(state)
-        loadable = dict(state)
-        if self.family == "flux" and flux_keys.is_kohya_flux(list(state)):
-            loadable = flux_keys.to_diffusers(state)  # diffusers' own converter assumes FLUX.1's full width
+        loadable = family_keys.to_diffusers(self.family, state)  # diffusers' converters: narrow or none
         if self._adapter is not None and sig == self._adapter_sig:
             try:
                 with quiet_loaders():

@@ -1,4 +1,4 @@
-"""The base pipeline, loaded once per run: device and dtype, SD/SDXL/FLUX pipelines from a folder, a file
+"""The base pipeline, loaded once per run: device and dtype, SD/SDXL/SD3/FLUX pipelines from a folder, a file
 or kohya's separate files, attention processors, scheduler, and where it lives in memory (whole on the
 device, or CPU offload)."""
 
@@ -111,7 +111,8 @@ def ensure_sdpa(pipe: Any) -> int:
 
 def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str = "auto", family: str | None = None,
                   parts: dict[str, str] | None = None) -> Any:
-    """Load the base pipeline once (fp16 on GPU, bf16 for FLUX, fp32 on CPU) and place it per `[eval] memory`.
+    """Load the base pipeline once (fp16 on GPU, bf16 for FLUX and SD3, fp32 on CPU) and place it per
+    `[eval] memory`.
 
     `family` is the run's model family (RunSpec.family; None: SD or SDXL per `sdxl`); for FLUX.1 `parts` holds
     kohya's separate model files (clip_l, t5xxl, ae, tokenizer_cache_dir) used when `base_model` is a file.
@@ -131,9 +132,10 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
                 "FLUX.1 folder in [eval] base_model, or kohya's transformer file with --clip_l, --t5xxl and --ae"
             ) from None
         return _ready(pipe, device, memory)
-    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline}.get(
+        family, diffusers.StableDiffusionPipeline)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if not sdxl:
+    if cls is diffusers.StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = Path(base_model)
     try:
@@ -144,9 +146,11 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
         else:
             pipe = cls.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
+        # diffusers' SD3 single files carry no text encoders; kohya's --clip_l/--clip_g/--t5xxl are not assembled
+        hint = " (an SD3 file needs its text encoders: give a diffusers SD3 folder)" if family == "sd3" else ""
         raise UserError(
             f"base model {base_model!r} could not be loaded ({first_line(exc)}); give a diffusers folder or "
-            f"a .safetensors file in [eval] base_model, or download it first with `hf download {base_model}`"
+            f"a .safetensors file in [eval] base_model{hint}, or download it first with `hf download {base_model}`"
         ) from None
     return _ready(pipe, device, memory)
 

@@ -3,16 +3,21 @@
 The evaluator's loop (groups of prompts, fixed CPU-generator seeds, cached prompt embeddings, LoRA merged while
 generating) is the same for every family; only these differ, and each adapter answers them for its pipeline:
 
-- the denoiser a LoRA mostly changes (`unet` for SD 1.x/2.x and SDXL, `transformer` for FLUX.1) and the image
-  size when neither a prompt, `[eval]` nor kohya's resolution gives one;
+- the denoiser a LoRA mostly changes (`unet` for SD 1.x/2.x and SDXL, `transformer` for FLUX.1 and SD3.x) and
+  the image size when neither a prompt, `[eval]` nor kohya's resolution gives one;
 - the sampling defaults when `[eval] steps` / `guidance_scale` are not set: SD's 15 steps at CFG 7.0, FLUX.1's
   20 steps at guidance 3.5 (FLUX.1-dev is guidance-distilled: the scale goes into its guidance embedding, and
   there is no classifier-free guidance, so no negative prompt and one transformer pass per step; BFL's and
   diffusers' reference sampler uses 28-50 steps, 20 keeps the images recognisable at 2/3 of the cost);
-  FLUX.1-schnell (no guidance embedding) 4 steps, as it was distilled for;
+  FLUX.1-schnell (no guidance embedding) 4 steps, as it was distilled for; SD3.x 28 steps (Stability's and
+  diffusers' reference count; SD3.5-medium's 40 cut to 28) at the CFG scale its model card gives: SD3-medium
+  7.0, SD3.5-large 3.5, SD3.5-medium 4.5 (told apart by the transformer: no q/k norm in SD3-medium,
+  dual-attention layers in SD3.5-medium);
 - how prompts become embeddings: SD's `encode_prompt` gives (positive, negative[, pooled, negative pooled]),
-  FLUX's gives T5's sequence embeddings and CLIP-L's pooled vector (its text ids are rebuilt by the pipeline);
-- the dtype on a GPU: FLUX's T5-XXL and transformer overflow in fp16, so bf16 (fp32 where bf16 is missing).
+  FLUX's gives T5's sequence embeddings and CLIP-L's pooled vector (its text ids are rebuilt by the pipeline),
+  SD3's gives the CLIP-L + CLIP-G + T5 sequence and the two CLIPs' pooled vectors, each with a negative;
+- the dtype on a GPU: FLUX's and SD3's T5-XXL and transformer overflow in fp16, so bf16 (fp32 where bf16 is
+  missing).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from lora_monitor.errors import UserError
 SD_STEPS, SD_GUIDANCE = 15, 7.0
 FLUX_STEPS, FLUX_GUIDANCE = 20, 3.5
 SCHNELL_STEPS = 4
+SD3_STEPS, SD3_TOKENS = 28, 256  # T5 tokens: diffusers' and kohya's sd3 default
+SD3_GUIDANCE = {"sd3-medium": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}
+BF16_FAMILIES = ("flux", "sd3")
 FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens, as kohya's flux_train_network.py and diffusers use
 
 
@@ -33,7 +41,9 @@ class SDAdapter:
     """SD 1.x/2.x and SDXL: UNet, CLIP text encoder(s), classifier-free guidance with a negative prompt."""
 
     family = "sd"
+    label = "SD"
     denoiser_name = "unet"
+    flow_matching = False  # the schedulers of [eval] scheduler are SD's; flow-matching families keep their own
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -72,14 +82,18 @@ class SDAdapter:
         return {}
 
     def check_scheduler(self, name: str) -> None:
-        return None
+        if name != "default" and self.flow_matching:
+            raise UserError(f"[eval] scheduler = {name!r}: {self.label} samples with its own flow-matching "
+                            "scheduler; remove scheduler from [eval] (or set it to 'default')")
 
 
 class FluxAdapter(SDAdapter):
     """FLUX.1: a transformer with a guidance embedding (dev) or none (schnell), T5-XXL + CLIP-L, flow matching."""
 
     family = "flux"
+    label = "FLUX.1"
     denoiser_name = "transformer"
+    flow_matching = True
 
     @property
     def guidance_distilled(self) -> bool:
@@ -110,13 +124,46 @@ class FluxAdapter(SDAdapter):
     def call_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_tokens()}
 
-    def check_scheduler(self, name: str) -> None:
-        if name != "default":
-            raise UserError(f"[eval] scheduler = {name!r}: FLUX.1 samples with its own flow-matching scheduler; "
-                            "remove scheduler from [eval] (or set it to 'default')")
+
+class SD3Adapter(SDAdapter):
+    """SD3.x: an MMDiT transformer, CLIP-L + CLIP-G + T5-XXL, flow matching with classifier-free guidance."""
+
+    family = "sd3"
+    label = "SD3"
+    denoiser_name = "transformer"
+    flow_matching = True
+
+    def variant(self) -> str:
+        config = self.pipe.transformer.config
+        if not config.qk_norm:
+            return "sd3-medium"
+        return "sd3.5-medium" if config.dual_attention_layers else "sd3.5-large"
+
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: SD3's 1024 px
+
+    def default_steps(self) -> int:
+        return SD3_STEPS
+
+    def default_guidance(self) -> float:
+        return SD3_GUIDANCE[self.variant()]
+
+    def max_tokens(self) -> int:
+        tokenizer = getattr(self.pipe, "tokenizer_3", None)
+        return min(SD3_TOKENS, int(getattr(tokenizer, "model_max_length", SD3_TOKENS) or SD3_TOKENS))
+
+    def encode(self, texts: list[str], device: torch.device, guidance: float, negative: str) -> dict[str, Any]:
+        out = self.pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance > 1.0,
+            negative_prompt=[negative] * len(texts) if negative else None,
+            max_sequence_length=self.max_tokens(),
+        )
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return {n: t for n, t in zip(names, out, strict=True) if t is not None}
 
 
-ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flux": FluxAdapter}
+ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flux": FluxAdapter, "sd3": SD3Adapter}
 
 
 def adapter_for(pipe: Any, family: str) -> SDAdapter:
@@ -126,7 +173,7 @@ def adapter_for(pipe: Any, family: str) -> SDAdapter:
 
 
 def family_dtype(family: str, device: torch.device, sd_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the family's weights are loaded in: SD's choice (fp16 on a GPU), bf16 for FLUX on a GPU."""
-    if family != "flux" or device.type != "cuda":
+    """The dtype the family's weights are loaded in: SD's choice (fp16 on a GPU), bf16 for FLUX and SD3 on a GPU."""
+    if family not in BF16_FAMILIES or device.type != "cuda":
         return sd_dtype
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

@@ -186,7 +186,9 @@ def test_transformer_parts(name: str, rows: int, cols: int, paths: list | None) 
 
 
 def test_t5_and_clip_names_map_to_their_modules() -> None:
-    t5 = flux_keys.text_encoder_part("lora_te3_", "encoder_block_2_layer_1_DenseReluDense_wi_0", 64)
-    clip = flux_keys.text_encoder_part("lora_te1_", "text_model_encoder_layers_0_self_attn_out_proj", 32)
+    t5 = flux_keys.module_parts("lora_te3_encoder_block_2_layer_1_DenseReluDense_wi_0", torch.zeros(4, 32),
+                                torch.zeros(64, 4))[0]
+    clip = flux_keys.module_parts("lora_te1_text_model_encoder_layers_0_self_attn_out_proj", torch.zeros(4, 32),
+                                  torch.zeros(32, 4))[0]
     assert (t5.component, t5.path) == ("text_encoder_2", "encoder.block.2.layer.1.DenseReluDense.wi_0")
     assert (clip.component, clip.path) == ("text_encoder", "text_model.encoder.layers.0.self_attn.out_proj")
