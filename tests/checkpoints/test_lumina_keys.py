@@ -238,3 +238,32 @@ def test_text_encoder_modules_of_different_ranks_keep_their_own_rank() -> None:
     assert layers["layers.1.mlp.down_proj"].r["a"] == 2 and layers["layers.0.mlp.down_proj"].r["a"] == 4
     for path, delta in hand_deltas(state, "lora_te_").items():
         torch.testing.assert_close(layers[path].get_delta_weight("a").float(), delta, atol=1e-6, rtol=1e-5, msg=path)
+
+
+def test_tiny_lumina_pipeline_generates_and_the_kohya_file_changes_its_images_until_deleted(tmp_path: Path) -> None:
+    from diffusers import Lumina2Pipeline
+
+    from tests.lumina_model import build_tiny_lumina
+
+    pipe = Lumina2Pipeline.from_pretrained(str(build_tiny_lumina(tmp_path / "lumina")))
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(["a woman wearing a red dress"], device="cpu")
+            image = pipe(["a woman wearing a red dress"], num_inference_steps=2, output_type="np",
+                         generator=torch.Generator().manual_seed(0)).images
+        return embeds[0], image
+
+    base_embeds, base_image = generate()
+    assert base_image.shape == (1, 64, 64, 3)  # the pipeline's default size: sample_size 8 x scale 8
+    peft = lumina_keys.to_diffusers(load_file(str(FILE)))
+    pipe.load_lora_weights(peft, adapter_name="ckpt1")
+    assert lumina_keys.load_text_encoder_lora(pipe, peft, "ckpt1") == 14
+    embeds, image = generate()
+    assert (embeds - base_embeds).abs().max() > 1e-4  # the Gemma2 LoRA reaches the prompt embeddings
+    assert abs(image - base_image).max() > 1e-4
+    pipe.delete_adapters("ckpt1")
+    embeds, image = generate()
+    torch.testing.assert_close(embeds, base_embeds, atol=0, rtol=0)
+    assert abs(image - base_image).max() == 0
