@@ -95,9 +95,10 @@ def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return to_peft(state, module_parts)
 
 
-def load_text_encoder_lora(pipe: Any, peft: dict[str, torch.Tensor], adapter_name: str) -> int:
+def load_text_encoder_lora(pipe: Any, peft: dict[str, torch.Tensor], adapter_name: str, hotswap: bool = False) -> int:
     """Load the `text_encoder.*` keys of `peft` (to_diffusers' output) into the pipeline's Gemma2 encoder as adapter
-    `adapter_name`; returns how many layers it adapts.
+    `adapter_name`; returns how many layers it adapts. `hotswap`: replace the weights of the loaded adapter of that
+    name in place (same modules and ranks), as load_lora_weights(..., hotswap=True) does for the transformer.
 
     The pipeline then lists the encoder among its LoRA components (an instance copy of `_lora_loadable_modules`),
     so its set_adapters / delete_adapters / get_list_adapters / unload_lora_weights reach the adapter too. The
@@ -117,5 +118,6 @@ def load_text_encoder_lora(pipe: Any, peft: dict[str, torch.Tensor], adapter_nam
     others = {re.escape(path): r for path, r in ranks.items() if r != rank}
     config = LoraConfig(r=rank, lora_alpha=rank, rank_pattern=others, alpha_pattern=others,
                         target_modules=sorted(ranks))
-    getattr(pipe, TEXT_ENCODER).load_adapter(adapter_name=adapter_name, adapter_state_dict=state, peft_config=config)
+    getattr(pipe, TEXT_ENCODER).load_adapter(adapter_name=adapter_name, adapter_state_dict=state, peft_config=config,
+                                              hotswap=hotswap)
     return len(ranks)

@@ -267,3 +267,17 @@ def test_tiny_lumina_pipeline_generates_and_the_kohya_file_changes_its_images_un
     embeds, image = generate()
     torch.testing.assert_close(embeds, base_embeds, atol=0, rtol=0)
     assert abs(image - base_image).max() == 0
+
+
+def test_text_encoder_adapter_hotswaps_in_place_and_a_second_load_under_its_name_is_refused() -> None:
+    state = load_file(str(FILE))
+    text_encoder = make_text_encoder()
+    pipe = _pipe(make_transformer(), text_encoder)
+    lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(state), "a")
+    doubled = {k: (2 * v if k.endswith(".lora_up.weight") else v) for k, v in state.items()}
+    with pytest.raises(ValueError, match="already exists"):
+        lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(doubled), "a")
+    lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(doubled), "a", hotswap=True)
+    layers = dict(text_encoder.named_modules())
+    for path, delta in hand_deltas(doubled, "lora_te_").items():
+        torch.testing.assert_close(layers[path].get_delta_weight("a").float(), delta, atol=1e-6, rtol=1e-5, msg=path)
