@@ -30,6 +30,7 @@ from PIL import Image
 from lora_monitor.checkpoints import coverage, family_keys
 from lora_monitor.config import EvalConfig
 from lora_monitor.errors import EvalError
+from lora_monitor.evaluation.lora_attach import attach, detach, split_by_loader
 from lora_monitor.evaluation.lora_state import (
     first_line,
     load_failure,
@@ -207,7 +208,8 @@ class Evaluator:
         """Make `state` (a LoRA state dict) the only active adapter; EvalError if it does not load."""
         sig = lora_signature(state)
         loadable = family_keys.to_diffusers(self.family, state)  # diffusers' converters: narrow or none
-        if self._adapter is not None and sig == self._adapter_sig:
+        for_pipe, others = split_by_loader(loadable, self.pipe)  # others: models the pipeline's loader skips
+        if self._adapter is not None and sig == self._adapter_sig and not others:
             try:
                 with quiet_loaders():
                     self.pipe.load_lora_weights(dict(loadable), adapter_name=self._adapter, hotswap=True)
@@ -221,7 +223,12 @@ class Evaluator:
         name = f"ckpt{self._counter}"
         try:
             with quiet_loaders():
-                self.pipe.load_lora_weights(loadable, adapter_name=name)
+                if for_pipe:
+                    self.pipe.load_lora_weights(for_pipe, adapter_name=name)
+                components = self._components()
+                for component, keys in others.items():
+                    if component in components:  # else its modules stay unapplied and are named below
+                        attach(components[component], keys, name)
         except Exception as exc:  # noqa: BLE001 - diffusers/peft raise many types for a bad LoRA
             self._drop(name)
             raise EvalError(load_failure(exc)) from None
@@ -255,13 +262,12 @@ class Evaluator:
         return list(self._components().values())
 
     def _drop(self, name: str) -> None:
-        listed = {n for names in self.pipe.get_list_adapters().values() for n in names}
-        if name in listed:
-            self.pipe.delete_adapters(name)
-        for model in self._models():  # a failed load can leave a config entry behind
-            config = getattr(model, "peft_config", None)
-            if isinstance(config, dict):
-                config.pop(name, None)
+        if hasattr(self.pipe, "get_list_adapters"):
+            listed = {n for names in self.pipe.get_list_adapters().values() for n in names}
+            if name in listed:
+                self.pipe.delete_adapters(name)
+        for model in self._models():  # what the pipeline's loader does not know of, and a failed load's leftovers
+            detach(model, name)
 
     # ----------------------------------------------------------------------------------- generation
     def _embeddings(self, key: GroupKey, indices: list[int], fresh: bool) -> dict[str, torch.Tensor]:
