@@ -41,10 +41,10 @@ def test_split_by_loader(pipe: object, keys: list[str], for_pipe: list[str], oth
     assert sorted(got_pipe) == for_pipe and {c: sorted(v) for c, v in got_others.items()} == others
 
 
-def _t5_lora(rank: int = 4) -> dict[str, torch.Tensor]:
+def _t5_lora(rank: int = 4, shapes: dict[str, tuple[int, int]] = T5_MODULES) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     state = {}
-    for name, (out, inp) in T5_MODULES.items():
+    for name, (out, inp) in shapes.items():
         state[f"lora_te3_{name}.lora_down.weight"] = torch.randn(rank, inp, generator=g) * 0.1
         state[f"lora_te3_{name}.lora_up.weight"] = torch.randn(out, rank, generator=g) * 0.1
         state[f"lora_te3_{name}.alpha"] = torch.tensor(2.0)
@@ -88,3 +88,19 @@ def test_attach_names_a_module_the_model_lacks() -> None:
     state = {"1.lora_A.weight": torch.zeros(2, 4), "1.lora_B.weight": torch.zeros(4, 2)}
     with pytest.raises(ValueError, match=r"1 LoRA modules name no layer of the model \(1\)"):
         lora_attach.attach(model, state, "x")
+
+
+def test_kohya_t5_modules_reach_fluxs_t5(tmp_path: Path) -> None:
+    """FLUX names its T5 `text_encoder_2`, which FluxPipeline's loader skips: kohya's `lora_te3_` lands there."""
+    from lora_monitor.demo.flux_model import build_tiny_flux
+
+    flux = build_tiny_flux(tmp_path / "flux")
+    pipe = pl.load_pipeline(str(flux), False, torch.device("cpu"), family="flux")
+    evaluator = ev.Evaluator(pipe, [Prompt("a red dress")], EvalConfig(device="cpu", steps=2, width=64, height=64),
+                             tmp_path)
+    t5 = _t5_lora(shapes={name: (32, 32) if name.endswith("_q") else (32, 64) for name in T5_MODULES})  # 32 wide
+    flux_lora = load_file(str(FIXTURE.parent / "flux" / "tiny-step00000004.safetensors"))
+    evaluator.swap_in({**flux_lora, **t5})
+    layers = {path for component, path in coverage.adapted_targets(evaluator._components(), evaluator._adapter)
+              if component == "text_encoder_2"}
+    assert layers == {"encoder_block_0_layer_0_SelfAttention_q", "encoder_block_1_layer_1_DenseReluDense_wo"}
