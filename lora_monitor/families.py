@@ -29,7 +29,7 @@ FAMILIES = (
     Family("sdxl", "SDXL", "sdxl_train_network.py", True),
     Family("flux", "FLUX.1", "flux_train_network.py", True),
     Family("sd3", "SD3.x", "sd3_train_network.py", True),
-    Family("lumina", "Lumina 2", "lumina_train_network.py", False),
+    Family("lumina", "Lumina 2", "lumina_train_network.py", True),
     Family("anima", "Anima", "anima_train_network.py", False),
     Family("hunyuan_image", "HunyuanImage 2.1", "hunyuan_image_train_network.py", False),
     Family("flux2", "FLUX.2", "", False),  # only ever named by a file's metadata (other trainers)

@@ -39,8 +39,10 @@ def _lora(folder: Path, name: str, key: str, metadata: dict[str, str]) -> None:
     (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {"ss_base_model_version": "5-large"})], "sd3"),
     (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {})], "sd3"),
     # a family lora-monitor cannot evaluate yet: SD, whose rows then name both families
-    ("Lumina2Pipeline", [], "sd"),
-    (None, [("lora_unet_layers_0_attention_qkv", {"ss_base_model_version": "lumina2"})], "sd"),
+    ("Lumina2Pipeline", [], "lumina"),
+    (None, [("lora_unet_layers_0_attention_qkv", {"ss_base_model_version": "lumina2"})], "lumina"),
+    ("HunyuanImagePipeline", [], "sd"),
+    (None, [("lora_unet_double_blocks_0_img_mlp_fc1", {"ss_base_model_version": "hunyuan-image-2.1"})], "sd"),
 ])
 def test_family_without_kohya_section(tmp_path: Path, class_name: str | None, files: list, family: str) -> None:
     base = tmp_path / "base"

@@ -19,14 +19,13 @@ NextDiT's block modulation gives (scale_msa, gate_msa, scale_mlp, gate_mlp), as 
 reads it, and the final layer's gives one scale, as LuminaLayerNormContinuous's linear_1 does: no rows swap.
 
 Lumina2Pipeline.load_lora_weights loads the transformer only (its `_lora_loadable_modules` is ['transformer'];
-`text_encoder.*` keys are dropped without a word), so `load_text_encoder_lora` puts them in the Gemma2 encoder.
+`text_encoder.*` keys are dropped without a word), so the evaluator applies those with peft itself
+(evaluation/lora_attach.py), every module with its own rank.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
-from typing import Any
 
 import torch
 
@@ -93,31 +92,3 @@ def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for the Gemma2 encoder, which that loader does not take); diffusers 0.42 maps none of kohya's names and
     applies nothing without an error."""
     return to_peft(state, module_parts)
-
-
-def load_text_encoder_lora(pipe: Any, peft: dict[str, torch.Tensor], adapter_name: str, hotswap: bool = False) -> int:
-    """Load the `text_encoder.*` keys of `peft` (to_diffusers' output) into the pipeline's Gemma2 encoder as adapter
-    `adapter_name`; returns how many layers it adapts. `hotswap`: replace the weights of the loaded adapter of that
-    name in place (same modules and ranks), as load_lora_weights(..., hotswap=True) does for the transformer.
-
-    The pipeline then lists the encoder among its LoRA components (an instance copy of `_lora_loadable_modules`),
-    so its set_adapters / delete_adapters / get_list_adapters / unload_lora_weights reach the adapter too. The
-    peft config is built from every module's rank (diffusers' own text-encoder loader reads ranks from CLIP's
-    layer names only, which would give Gemma2's o_proj and MLP the most common rank); kohya's alpha is already
-    in B, so each module's alpha equals its rank (scale 1).
-    """
-    from peft import LoraConfig
-
-    state = {k[len(f"{TEXT_ENCODER}."):]: v for k, v in peft.items() if k.startswith(f"{TEXT_ENCODER}.")}
-    ranks = {k[: -len(".lora_B.weight")]: v.shape[1] for k, v in state.items() if k.endswith(".lora_B.weight")}
-    if not ranks:
-        return 0
-    if TEXT_ENCODER not in pipe._lora_loadable_modules:
-        pipe._lora_loadable_modules = [*pipe._lora_loadable_modules, TEXT_ENCODER]
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    others = {re.escape(path): r for path, r in ranks.items() if r != rank}
-    config = LoraConfig(r=rank, lora_alpha=rank, rank_pattern=others, alpha_pattern=others,
-                        target_modules=sorted(ranks))
-    getattr(pipe, TEXT_ENCODER).load_adapter(adapter_name=adapter_name, adapter_state_dict=state, peft_config=config,
-                                              hotswap=hotswap)
-    return len(ranks)

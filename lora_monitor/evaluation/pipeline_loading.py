@@ -132,8 +132,8 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
                 "FLUX.1 folder in [eval] base_model, or kohya's transformer file with --clip_l, --t5xxl and --ae"
             ) from None
         return _ready(pipe, device, memory)
-    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline}.get(
-        family, diffusers.StableDiffusionPipeline)
+    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+           "lumina": diffusers.Lumina2Pipeline}.get(family, diffusers.StableDiffusionPipeline)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cls is diffusers.StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

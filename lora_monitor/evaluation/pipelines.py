@@ -12,12 +12,13 @@ generating) is the same for every family; only these differ, and each adapter an
   FLUX.1-schnell (no guidance embedding) 4 steps, as it was distilled for; SD3.x 28 steps (Stability's and
   diffusers' reference count; SD3.5-medium's 40 cut to 28) at the CFG scale its model card gives: SD3-medium
   7.0, SD3.5-large 3.5, SD3.5-medium 4.5 (told apart by the transformer: no q/k norm in SD3-medium,
-  dual-attention layers in SD3.5-medium);
+  dual-attention layers in SD3.5-medium); Lumina 2 the pipeline's own 30 steps at CFG 4.0;
 - how prompts become embeddings: SD's `encode_prompt` gives (positive, negative[, pooled, negative pooled]),
   FLUX's gives T5's sequence embeddings and CLIP-L's pooled vector (its text ids are rebuilt by the pipeline),
-  SD3's gives the CLIP-L + CLIP-G + T5 sequence and the two CLIPs' pooled vectors, each with a negative;
-- the dtype on a GPU: FLUX's and SD3's T5-XXL and transformer overflow in fp16, so bf16 (fp32 where bf16 is
-  missing).
+  SD3's gives the CLIP-L + CLIP-G + T5 sequence and the two CLIPs' pooled vectors, each with a negative,
+  Lumina 2's Gemma2's sequence and its attention mask (the prompt behind diffusers' default system prompt);
+- the dtype on a GPU: FLUX's and SD3's T5-XXL, Lumina's Gemma2 and these transformers overflow in fp16, so bf16
+  (fp32 where bf16 is missing).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ FLUX_STEPS, FLUX_GUIDANCE = 20, 3.5
 SCHNELL_STEPS = 4
 SD3_STEPS, SD3_TOKENS = 28, 256  # T5 tokens: diffusers' and kohya's sd3 default
 SD3_GUIDANCE = {"sd3-medium": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}
-BF16_FAMILIES = ("flux", "sd3")
+LUMINA_STEPS, LUMINA_GUIDANCE = 30, 4.0  # Lumina2Pipeline's own defaults
+BF16_FAMILIES = ("flux", "sd3", "lumina")
 FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens, as kohya's flux_train_network.py and diffusers use
 
 
@@ -163,7 +165,35 @@ class SD3Adapter(SDAdapter):
         return {n: t for n, t in zip(names, out, strict=True) if t is not None}
 
 
-ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flux": FluxAdapter, "sd3": SD3Adapter}
+class LuminaAdapter(SDAdapter):
+    """Lumina 2: a NextDiT transformer, a Gemma2 text encoder (prompts behind the pipeline's system prompt, padded
+    to 256 tokens with an attention mask), flow matching with classifier-free guidance."""
+
+    family = "lumina"
+    label = "Lumina 2"
+    denoiser_name = "transformer"
+    flow_matching = True
+
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: 1024 px
+
+    def default_steps(self) -> int:
+        return LUMINA_STEPS
+
+    def default_guidance(self) -> float:
+        return LUMINA_GUIDANCE
+
+    def encode(self, texts: list[str], device: torch.device, guidance: float, negative: str) -> dict[str, Any]:
+        out = self.pipe.encode_prompt(
+            prompt=texts, do_classifier_free_guidance=guidance > 1.0, negative_prompt=[negative] * len(texts),
+            num_images_per_prompt=1, device=device,
+        )
+        names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+        return {n: t for n, t in zip(names, out, strict=True) if t is not None}
+
+
+ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flux": FluxAdapter, "sd3": SD3Adapter,
+                                        "lumina": LuminaAdapter}
 
 
 def adapter_for(pipe: Any, family: str) -> SDAdapter:

@@ -16,6 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora_monitor.checkpoints import coverage, lumina_keys
+from lora_monitor.config import EvalConfig
+from lora_monitor.evaluation import evaluator as ev
+from lora_monitor.evaluation import lora_attach
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -188,26 +191,23 @@ def _pipe(transformer, text_encoder):
                            text_encoder=text_encoder, tokenizer=None)
 
 
-def test_pipeline_loader_takes_the_transformer_and_the_gemma2_encoder_gets_its_keys_with_the_adapter_name() -> None:
+def test_through_the_evaluator_the_gemma2_encoder_gets_its_keys_and_gives_them_back(tmp_path: Path) -> None:
+    """Lumina2Pipeline's loader takes the transformer only: the evaluator applies the Gemma2 modules itself."""
     state = load_file(str(FILE))
     text_encoder = make_text_encoder()
     base = copy.deepcopy(text_encoder)
     pipe = _pipe(make_transformer(), text_encoder)
-    peft = lumina_keys.to_diffusers(state)
-    pipe.load_lora_weights(peft, adapter_name="ckpt1")
-    assert coverage.adapted_targets({"text_encoder": text_encoder}, "ckpt1") == set()  # diffusers: transformer only
-    assert lumina_keys.load_text_encoder_lora(pipe, peft, "ckpt1") == 14
+    evaluator = ev.Evaluator(pipe, [], EvalConfig(device="cpu"), tmp_path)
+    assert evaluator.family == "lumina"
+    evaluator.swap_in(state)  # raises unless all 33 modules (19 transformer, 14 Gemma2) reached their layers
+    adapted = coverage.adapted_targets(evaluator._components(), evaluator._adapter)
     expected = expected_targets(state)
-    adapted = coverage.adapted_targets({"transformer": pipe.transformer, "text_encoder": text_encoder}, "ckpt1")
     assert len(expected) == 33 and coverage.left_over(expected, adapted) == []
-    assert pipe.get_list_adapters() == {"transformer": ["ckpt1"], "text_encoder": ["ckpt1"]}
-    assert type(pipe)._lora_loadable_modules == ["transformer"]  # the class is left as it is
-
     deltas = hand_deltas(state, "lora_te_")
     layers = dict(text_encoder.named_modules())
     for path, delta in deltas.items():
-        torch.testing.assert_close(layers[path].get_delta_weight("ckpt1").float(), delta, atol=1e-6, rtol=1e-5,
-                                   msg=path)
+        torch.testing.assert_close(layers[path].get_delta_weight(evaluator._adapter).float(), delta, atol=1e-6,
+                                   rtol=1e-5, msg=path)
     reference = copy.deepcopy(base)
     ref_layers = dict(reference.named_modules())
     ids = torch.tensor([[2, 17, 301, 45, 999, 1]])
@@ -219,9 +219,8 @@ def test_pipeline_loader_takes_the_transformer_and_the_gemma2_encoder_gets_its_k
         unchanged = base(input_ids=ids).last_hidden_state
     assert (want - unchanged).abs().max() > 1e-4
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-
-    pipe.delete_adapters("ckpt1")  # reaches the encoder too
-    assert coverage.adapted_targets({"transformer": pipe.transformer, "text_encoder": text_encoder}, "ckpt1") == set()
+    evaluator.unload()
+    assert coverage.adapted_targets(evaluator._components(), "ckpt1") == set()
     with torch.no_grad():
         torch.testing.assert_close(text_encoder(input_ids=ids).last_hidden_state, unchanged)
 
@@ -232,52 +231,10 @@ def test_text_encoder_modules_of_different_ranks_keep_their_own_rank() -> None:
     state[f"{name}.lora_down.weight"] = state[f"{name}.lora_down.weight"][:2].clone()
     state[f"{name}.lora_up.weight"] = state[f"{name}.lora_up.weight"][:, :2].clone()
     text_encoder = make_text_encoder()
-    pipe = _pipe(make_transformer(), text_encoder)
-    assert lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(state), "a") == 14
+    peft = lumina_keys.to_diffusers(state)
+    lora_attach.attach(text_encoder, {k[len("text_encoder."):]: v for k, v in peft.items()
+                                      if k.startswith("text_encoder.")}, "a")
     layers = dict(text_encoder.named_modules())
     assert layers["layers.1.mlp.down_proj"].r["a"] == 2 and layers["layers.0.mlp.down_proj"].r["a"] == 4
     for path, delta in hand_deltas(state, "lora_te_").items():
-        torch.testing.assert_close(layers[path].get_delta_weight("a").float(), delta, atol=1e-6, rtol=1e-5, msg=path)
-
-
-def test_tiny_lumina_pipeline_generates_and_the_kohya_file_changes_its_images_until_deleted(tmp_path: Path) -> None:
-    from diffusers import Lumina2Pipeline
-
-    from tests.lumina_model import build_tiny_lumina
-
-    pipe = Lumina2Pipeline.from_pretrained(str(build_tiny_lumina(tmp_path / "lumina")))
-    pipe.set_progress_bar_config(disable=True)
-
-    def generate():
-        with torch.no_grad():
-            embeds = pipe.encode_prompt(["a woman wearing a red dress"], device="cpu")
-            image = pipe(["a woman wearing a red dress"], num_inference_steps=2, output_type="np",
-                         generator=torch.Generator().manual_seed(0)).images
-        return embeds[0], image
-
-    base_embeds, base_image = generate()
-    assert base_image.shape == (1, 64, 64, 3)  # the pipeline's default size: sample_size 8 x scale 8
-    peft = lumina_keys.to_diffusers(load_file(str(FILE)))
-    pipe.load_lora_weights(peft, adapter_name="ckpt1")
-    assert lumina_keys.load_text_encoder_lora(pipe, peft, "ckpt1") == 14
-    embeds, image = generate()
-    assert (embeds - base_embeds).abs().max() > 1e-4  # the Gemma2 LoRA reaches the prompt embeddings
-    assert abs(image - base_image).max() > 1e-4
-    pipe.delete_adapters("ckpt1")
-    embeds, image = generate()
-    torch.testing.assert_close(embeds, base_embeds, atol=0, rtol=0)
-    assert abs(image - base_image).max() == 0
-
-
-def test_text_encoder_adapter_hotswaps_in_place_and_a_second_load_under_its_name_is_refused() -> None:
-    state = load_file(str(FILE))
-    text_encoder = make_text_encoder()
-    pipe = _pipe(make_transformer(), text_encoder)
-    lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(state), "a")
-    doubled = {k: (2 * v if k.endswith(".lora_up.weight") else v) for k, v in state.items()}
-    with pytest.raises(ValueError, match="already exists"):
-        lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(doubled), "a")
-    lumina_keys.load_text_encoder_lora(pipe, lumina_keys.to_diffusers(doubled), "a", hotswap=True)
-    layers = dict(text_encoder.named_modules())
-    for path, delta in hand_deltas(doubled, "lora_te_").items():
         torch.testing.assert_close(layers[path].get_delta_weight("a").float(), delta, atol=1e-6, rtol=1e-5, msg=path)
