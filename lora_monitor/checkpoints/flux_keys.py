@@ -18,10 +18,10 @@ import re
 import torch
 
 from lora_monitor.checkpoints.kohya_keys import (
-    TRANSFORMER_PREFIX,
     Part,
     direct,
-    prefixed_text_encoder,
+    module_parts_of,
+    qkv_and_mlp,
     split_equal,
     swapped_halves,
     to_peft,
@@ -63,23 +63,15 @@ def transformer_parts(name: str, out_rows: int, in_features: int) -> list[Part] 
     if m := re.fullmatch(r"double_blocks_(\d+)_(img|txt)_attn_qkv", name):
         names = _QKV if m[2] == "img" else _ADD_QKV
         return split_equal("transformer", tuple(f"transformer_blocks.{m[1]}.attn.{n}" for n in names), out_rows)
-    if m := re.fullmatch(r"single_blocks_(\d+)_linear1", name):
-        hidden = in_features  # linear1 reads the hidden state: q, k and v are each that wide, the MLP the rest
-        if out_rows <= 3 * hidden:
-            return None
-        parts = [Part("transformer", f"single_transformer_blocks.{m[1]}.attn.{n}", ((i * hidden, (i + 1) * hidden),))
-                 for i, n in enumerate(_QKV)]
-        return [*parts, Part("transformer", f"single_transformer_blocks.{m[1]}.proj_mlp", ((3 * hidden, out_rows),))]
+    if m := re.fullmatch(r"single_blocks_(\d+)_linear1", name):  # reads the hidden state: in_features wide
+        return qkv_and_mlp(f"single_transformer_blocks.{m[1]}", out_rows, in_features)
     if name == "final_layer_adaLN_modulation_1":
         return swapped_halves("transformer", "norm_out.linear", out_rows)
     return direct(_DIRECT, name, "transformer", out_rows)
 
 
-def module_parts(module: str, down: torch.Tensor, up: torch.Tensor) -> list[Part] | None:
-    """The diffusers layers of a kohya FLUX module name (with its prefix); None when the name maps to none."""
-    if module.startswith(TRANSFORMER_PREFIX):
-        return transformer_parts(module[len(TRANSFORMER_PREFIX):], up.shape[0], down.shape[1])
-    return prefixed_text_encoder(TEXT_ENCODER_PREFIXES, module, up.shape[0])
+# the diffusers layers of a kohya FLUX module name (with its prefix); None when the name maps to none
+module_parts = module_parts_of(transformer_parts, TEXT_ENCODER_PREFIXES)
 
 
 def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import re
 
 import torch
 
-from lora_monitor.checkpoints.kohya_keys import TRANSFORMER_PREFIX, Part, direct, split_equal, to_peft
+from lora_monitor.checkpoints.kohya_keys import Part, direct, module_parts_of, qkv_and_mlp, split_equal, to_peft
 
 _QKV = ("to_q", "to_k", "to_v")
 _ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
@@ -59,23 +59,14 @@ def transformer_parts(name: str, out_rows: int, in_features: int) -> list[Part] 
     if m := re.fullmatch(r"double_blocks_(\d+)_(img|txt)_attn_qkv", name):
         names = _QKV if m[2] == "img" else _ADD_QKV
         return split_equal("transformer", tuple(f"transformer_blocks.{m[1]}.attn.{n}" for n in names), out_rows)
-    if m := re.fullmatch(r"single_blocks_(\d+)_linear1", name):
-        hidden = in_features  # linear1 reads the hidden state: q, k and v are each that wide, the MLP the rest
-        if out_rows <= 3 * hidden:
-            return None
-        block = f"single_transformer_blocks.{m[1]}"
-        parts = [Part("transformer", f"{block}.attn.{n}", ((i * hidden, (i + 1) * hidden),))
-                 for i, n in enumerate(_QKV)]
-        return [*parts, Part("transformer", f"{block}.proj_mlp", ((3 * hidden, out_rows),))]
+    if m := re.fullmatch(r"single_blocks_(\d+)_linear1", name):  # reads the hidden state: in_features wide
+        return qkv_and_mlp(f"single_transformer_blocks.{m[1]}", out_rows, in_features)
     return direct(_DIRECT, name, "transformer", out_rows)
 
 
-def module_parts(module: str, down: torch.Tensor, up: torch.Tensor) -> list[Part] | None:
-    """The diffusers layers of a kohya HunyuanImage module name (with its prefix); None when the name maps to none
-    (kohya trains no text encoder for this family, so any `lora_te` name is foreign and reported)."""
-    if module.startswith(TRANSFORMER_PREFIX):
-        return transformer_parts(module[len(TRANSFORMER_PREFIX):], up.shape[0], down.shape[1])
-    return None
+# the diffusers layers of a kohya HunyuanImage module name (with its prefix); kohya trains no text encoder for
+# this family, so a `lora_te` name is foreign: None, and reported
+module_parts = module_parts_of(transformer_parts, {})
 
 
 def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

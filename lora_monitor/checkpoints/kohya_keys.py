@@ -53,6 +53,16 @@ def split_equal(component: str, paths: tuple[str, ...], out_rows: int) -> list[P
     return [Part(component, p, ((i * width, (i + 1) * width),)) for i, p in enumerate(paths)]
 
 
+def qkv_and_mlp(block: str, out_rows: int, hidden: int) -> list[Part] | None:
+    """A single-stream block's fused input layer (FLUX's and HunyuanImage's `linear1`): q, k, v each `hidden` rows
+    (the layer's input width), the MLP input (`proj_mlp`) the rest; None when no rows are left for the MLP."""
+    if out_rows <= 3 * hidden:
+        return None
+    parts = [Part("transformer", f"{block}.attn.{n}", ((i * hidden, (i + 1) * hidden),))
+             for i, n in enumerate(("to_q", "to_k", "to_v"))]
+    return [*parts, Part("transformer", f"{block}.proj_mlp", ((3 * hidden, out_rows),))]
+
+
 def swapped_halves(component: str, path: str, out_rows: int) -> list[Part] | None:
     """A modulation layer computing (shift, scale) where diffusers computes (scale, shift): halves swapped."""
     if out_rows % 2:
@@ -69,19 +79,20 @@ def direct(table: tuple[tuple[str, str], ...], name: str, component: str, out_ro
     return None
 
 
-def text_encoder_part(component: str, name: str, out_rows: int) -> Part | None:
-    """A CLIP or T5 module (kohya's name without its prefix) of text encoder `component`."""
-    found = direct(TEXT_ENCODER_NAMES, name, component, out_rows)
-    return found[0] if found else None
+def module_parts_of(transformer_parts: Callable[[str, int, int], list[Part] | None], text_encoders: dict[str, str],
+                    names: tuple[tuple[str, str], ...] = TEXT_ENCODER_NAMES) -> PartsOf:
+    """A family's `module_parts`: `lora_unet_` names through its `transformer_parts(name, out_rows, in_features)`,
+    text-encoder names by their prefix (`text_encoders`: kohya prefix -> pipeline component) and the `names` table."""
 
+    def module_parts(module: str, down: torch.Tensor, up: torch.Tensor) -> list[Part] | None:
+        if module.startswith(TRANSFORMER_PREFIX):
+            return transformer_parts(module[len(TRANSFORMER_PREFIX):], up.shape[0], down.shape[1])
+        for prefix, component in text_encoders.items():
+            if module.startswith(prefix):
+                return direct(names, module[len(prefix):], component, up.shape[0])
+        return None
 
-def prefixed_text_encoder(prefixes: dict[str, str], module: str, out_rows: int) -> list[Part] | None:
-    """A `lora_teN_` module of the family's text encoders (`prefixes`: kohya prefix -> pipeline component)."""
-    for prefix, component in prefixes.items():
-        if module.startswith(prefix):
-            part = text_encoder_part(component, module[len(prefix):], out_rows)
-            return [part] if part else None
-    return None
+    return module_parts
 
 
 def kohya_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

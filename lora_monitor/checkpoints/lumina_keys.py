@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from lora_monitor.checkpoints.kohya_keys import TRANSFORMER_PREFIX, Part, direct, to_peft
+from lora_monitor.checkpoints.kohya_keys import Part, direct, module_parts_of, to_peft
 
 TEXT_ENCODER_PREFIX = "lora_te_"
 TEXT_ENCODER = "text_encoder"
@@ -78,13 +78,8 @@ def transformer_parts(name: str, out_rows: int, in_features: int) -> list[Part] 
     return direct(_DIRECT, name, "transformer", out_rows)
 
 
-def module_parts(module: str, down: torch.Tensor, up: torch.Tensor) -> list[Part] | None:
-    """The diffusers layers of a kohya Lumina 2 module name (with its prefix); None when the name maps to none."""
-    if module.startswith(TRANSFORMER_PREFIX):
-        return transformer_parts(module[len(TRANSFORMER_PREFIX):], up.shape[0], down.shape[1])
-    if module.startswith(TEXT_ENCODER_PREFIX):
-        return direct(_GEMMA2, module[len(TEXT_ENCODER_PREFIX):], TEXT_ENCODER, up.shape[0])
-    return None
+# the diffusers layers of a kohya Lumina 2 module name (with its prefix); None when the name maps to none
+module_parts = module_parts_of(transformer_parts, {TEXT_ENCODER_PREFIX: TEXT_ENCODER}, _GEMMA2)
 
 
 def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

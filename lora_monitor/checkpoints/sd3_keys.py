@@ -20,10 +20,9 @@ import re
 import torch
 
 from lora_monitor.checkpoints.kohya_keys import (
-    TRANSFORMER_PREFIX,
     Part,
     direct,
-    prefixed_text_encoder,
+    module_parts_of,
     split_equal,
     swapped_halves,
     to_peft,
@@ -72,11 +71,8 @@ def transformer_parts(name: str, out_rows: int, in_features: int) -> list[Part] 
     return direct(_DIRECT, name, "transformer", out_rows)
 
 
-def module_parts(module: str, down: torch.Tensor, up: torch.Tensor) -> list[Part] | None:
-    """The diffusers layers of a kohya SD3 module name (with its prefix); None when the name maps to none."""
-    if module.startswith(TRANSFORMER_PREFIX):
-        return transformer_parts(module[len(TRANSFORMER_PREFIX):], up.shape[0], down.shape[1])
-    return prefixed_text_encoder(TEXT_ENCODER_PREFIXES, module, up.shape[0])
+# the diffusers layers of a kohya SD3 module name (with its prefix); None when the name maps to none
+module_parts = module_parts_of(transformer_parts, TEXT_ENCODER_PREFIXES)
 
 
 def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
