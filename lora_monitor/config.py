@@ -96,6 +96,8 @@ class EvalConfig:
     # where a checkpoint's images come from: "generate" (lora-monitor loads the base model and generates) or
     # "kohya_samples" (the images kohya writes to <output_dir>/sample/; no diffusion model is loaded)
     source: str = "generate"
+    # Lumina 2's system prompt before each prompt; unset: kohya's --system_prompt (its default "": the bare prompt)
+    system_prompt: str | None = None
 
 
 # [eval] source values

@@ -46,10 +46,11 @@ class RunSpec:
     @property
     def eval_config(self) -> EvalConfig:
         """[eval] with the image size of prompts that give none: [eval] width/height, else the resolution
-        kohya trains at (None left: the base model's own size)."""
+        kohya trains at (None left: the base model's own size); and the system prompt kohya trains Lumina 2 with."""
         ev = self.config.eval
         width, height = self.resolution or (None, None)
-        return dataclasses.replace(ev, width=ev.width or width, height=ev.height or height)
+        system = ev.system_prompt if ev.system_prompt is not None else str(self.arg("system_prompt") or "")
+        return dataclasses.replace(ev, width=ev.width or width, height=ev.height or height, system_prompt=system)
 
     @property
     def best_name(self) -> str:
@@ -100,7 +101,9 @@ def _base_model(config: Config, args: dict[str, Any], base: Path) -> str | None:
     return str(_path(value, base)) if looks_local(str(value), base) else str(value)
 
 
-MODEL_PART_ARGS = ("clip_l", "t5xxl", "ae", "tokenizer_cache_dir")  # flux_train_network.py's separate files
+# the separate model files of flux_train_network.py (clip_l, t5xxl, ae) and sd3_train_network.py (clip_l, clip_g,
+# t5xxl, vae), and where both find their tokenizers
+MODEL_PART_ARGS = ("clip_l", "clip_g", "t5xxl", "ae", "vae", "tokenizer_cache_dir")
 
 
 def _model_parts(args: dict[str, Any], base: Path) -> tuple[tuple[str, str], ...]:

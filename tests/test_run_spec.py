@@ -165,6 +165,16 @@ def test_eval_size_defaults_to_kohyas_resolution(tmp_path: Path, kohya_args: str
     assert (ev.width, ev.height) == size
 
 
+@pytest.mark.parametrize(("kohya_args", "eval_", "system"), [
+    ("", "", ""),  # kohya's default --system_prompt: none
+    ('system_prompt = "You draw clothes."\n', "", "You draw clothes."),
+    ('system_prompt = "You draw clothes."\n', 'system_prompt = ""\n', ""),  # [eval] wins, even empty
+    ("", 'system_prompt = "Mine."\n', "Mine."),
+])
+def test_system_prompt_defaults_to_kohyas(tmp_path: Path, kohya_args: str, eval_: str, system: str) -> None:
+    assert _sized_spec(tmp_path, kohya_args, eval_, None, None).eval_config.system_prompt == system
+
+
 def _lora_file(path: Path, metadata: dict[str, str]) -> None:
     import torch
     from safetensors.torch import save_file

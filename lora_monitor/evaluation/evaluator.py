@@ -73,7 +73,8 @@ class Evaluator:
         self.out_root = Path(out_root)
         self.device: torch.device = pipe._execution_device
         self.family = pipeline_family(pipe)  # 'sd', 'sdxl', 'flux': how LoRA names map to its modules
-        self.adapter = adapter_for(pipe, self.family)  # what generation does differently per family
+        # what generation does differently per family
+        self.adapter = adapter_for(pipe, self.family, cfg.system_prompt or "")
         self.adapter.check_scheduler(cfg.scheduler)
         self.batch_size = cfg.batch_size  # halved for the rest of the run after an out-of-memory error
         self._counter = 0

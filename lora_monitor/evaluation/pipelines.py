@@ -16,7 +16,7 @@ generating) is the same for every family; only these differ, and each adapter an
 - how prompts become embeddings: SD's `encode_prompt` gives (positive, negative[, pooled, negative pooled]),
   FLUX's gives T5's sequence embeddings and CLIP-L's pooled vector (its text ids are rebuilt by the pipeline),
   SD3's gives the CLIP-L + CLIP-G + T5 sequence and the two CLIPs' pooled vectors, each with a negative,
-  Lumina 2's Gemma2's sequence and its attention mask (the prompt behind diffusers' default system prompt);
+  Lumina 2's Gemma2's sequence and its attention mask (the prompt behind kohya's system prompt, as kohya trains);
 - the dtype on a GPU: FLUX's and SD3's T5-XXL, Lumina's Gemma2 and these transformers overflow in fp16, so bf16
   (fp32 where bf16 is missing).
 """
@@ -34,7 +34,7 @@ FLUX_STEPS, FLUX_GUIDANCE = 20, 3.5
 SCHNELL_STEPS = 4
 SD3_STEPS, SD3_TOKENS = 28, 256  # T5 tokens: diffusers' and kohya's sd3 default
 SD3_GUIDANCE = {"sd3-medium": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}
-LUMINA_STEPS, LUMINA_GUIDANCE = 30, 4.0  # Lumina2Pipeline's own defaults
+LUMINA_STEPS, LUMINA_GUIDANCE, LUMINA_TOKENS = 30, 4.0, 256  # Lumina2Pipeline's own defaults (kohya: 256 tokens)
 BF16_FAMILIES = ("flux", "sd3", "lumina")
 FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens, as kohya's flux_train_network.py and diffusers use
 
@@ -47,8 +47,9 @@ class SDAdapter:
     denoiser_name = "unet"
     flow_matching = False  # the schedulers of [eval] scheduler are SD's; flow-matching families keep their own
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, system_prompt: str = "") -> None:
         self.pipe = pipe
+        self.system_prompt = system_prompt  # Lumina 2's; the other families have none
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -184,9 +185,17 @@ class LuminaAdapter(SDAdapter):
         return LUMINA_GUIDANCE
 
     def encode(self, texts: list[str], device: torch.device, guidance: float, negative: str) -> dict[str, Any]:
+        # kohya trains on `<system prompt> <Prompt Start> <caption>`, or the bare caption when its --system_prompt
+        # is "" (its default); diffusers' encode_prompt always adds the marker, so the positive text is built here
+        # as kohya builds it and encoded by the pipeline's own Gemma2 step. The negative stays bare, as in both.
+        system = self.system_prompt
+        texts = [f"{system} <Prompt Start> {t}" if system else t for t in texts]
+        embeds, mask = self.pipe._get_gemma_prompt_embeds(prompt=texts, device=device,
+                                                          max_sequence_length=LUMINA_TOKENS)
         out = self.pipe.encode_prompt(
-            prompt=texts, do_classifier_free_guidance=guidance > 1.0, negative_prompt=[negative] * len(texts),
-            num_images_per_prompt=1, device=device,
+            prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=[negative] * len(texts),
+            do_classifier_free_guidance=guidance > 1.0, num_images_per_prompt=1, device=device,
+            max_sequence_length=LUMINA_TOKENS,
         )
         names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
         return {n: t for n, t in zip(names, out, strict=True) if t is not None}
@@ -196,10 +205,10 @@ ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flu
                                         "lumina": LuminaAdapter}
 
 
-def adapter_for(pipe: Any, family: str) -> SDAdapter:
+def adapter_for(pipe: Any, family: str, system_prompt: str = "") -> SDAdapter:
     if family not in ADAPTERS:
         raise UserError(f"no evaluation pipeline for the {family} model family yet")
-    return ADAPTERS[family](pipe)
+    return ADAPTERS[family](pipe, system_prompt)
 
 
 def family_dtype(family: str, device: torch.device, sd_dtype: torch.dtype) -> torch.dtype:

@@ -56,3 +56,18 @@ def test_kohya_lumina_lora_changes_images_and_the_base_comes_back_bit_for_bit(ti
     assert all(np.abs(a - b).mean() > 0.01 for a, b in pairs)
     again = evaluator.generate_base()
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(base.images), _pixels(again.images), strict=True))
+
+
+@pytest.mark.parametrize(("system", "encoded"), [
+    ("", "a photo of a red dress"),  # kohya's default --system_prompt: the bare caption, no marker
+    ("You draw clothes.", "You draw clothes. <Prompt Start> a photo of a red dress"),
+])
+def test_prompts_are_encoded_as_kohya_trains_them(tiny: Path, tmp_path: Path, system: str, encoded: str) -> None:
+    pipe = pl.load_pipeline(str(tiny), False, CPU, family="lumina")
+    evaluator = ev.Evaluator(pipe, PROMPTS[:1], EvalConfig(device="cpu", system_prompt=system), tmp_path)
+    got = evaluator.adapter.encode(["a photo of a red dress"], CPU, 4.0, "")
+    want, mask = pipe._get_gemma_prompt_embeds(prompt=[encoded], device=CPU, max_sequence_length=256)
+    torch.testing.assert_close(got["prompt_embeds"], want, atol=0, rtol=0)
+    assert torch.equal(got["prompt_attention_mask"], mask) and "negative_prompt_embeds" in got
+    other, _ = pipe._get_gemma_prompt_embeds(prompt=[f"x{encoded}"], device=CPU, max_sequence_length=256)
+    assert not torch.equal(other, want)  # the text decides the embeddings: equality above means something
