@@ -167,13 +167,18 @@ def load_transformer(path: Path, dtype: torch.dtype) -> Any:
 # ------------------------------------------------------------------------------------- autoencoder, encoders
 def load_ae(path: Path, dtype: torch.dtype) -> Any:
     """BFL's autoencoder (the LDM VAE layout without quant convs, 16 latent channels) as an AutoencoderKL."""
+    return ldm_vae(_read(path), dtype, path, "FLUX.1's autoencoder (kohya's --ae)", AE_SCALING, AE_SHIFT)
+
+
+def ldm_vae(state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path, what: str, scaling: float,
+            shift: float) -> Any:
+    """An AutoencoderKL from LDM-layout weights without quant convs (FLUX.1's and SD3's), sized from the shapes."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    state = _read(path)
     keys = list(state)
     if "decoder.conv_in.weight" not in state or "encoder.down.0.block.0.conv1.weight" not in state:
-        raise UserError(f"{path}: not FLUX.1's autoencoder (kohya's --ae): no encoder/decoder tensors")
+        raise UserError(f"{where}: not {what}: no encoder/decoder tensors")
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     config = {
         "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
@@ -187,15 +192,15 @@ def load_ae(path: Path, dtype: torch.dtype) -> Any:
         "norm_num_groups": 32,  # BFL's AE normalises in 32 groups everywhere
         "use_quant_conv": False,
         "use_post_quant_conv": False,
-        "scaling_factor": AE_SCALING,
-        "shift_factor": AE_SHIFT,
+        "scaling_factor": scaling,
+        "shift_factor": shift,
     }
     vae = AutoencoderKL(**config)
     converted = convert_ldm_vae_checkpoint(state, config)
     try:
         vae.load_state_dict(converted, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"{path}: does not fit FLUX.1's autoencoder ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{where}: does not fit {what} ({str(exc).splitlines()[0][:200]})") from None
     return vae.to(dtype).eval()
 
 
@@ -224,9 +229,13 @@ def load_clip_l(path: Path, dtype: torch.dtype) -> Any:
 
 
 def load_t5(path: Path, dtype: torch.dtype) -> Any:
+    return t5_from_state(_read(path), dtype, path)
+
+
+def t5_from_state(state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> Any:
+    """A T5EncoderModel from its transformers state dict, sized from the shapes."""
     from transformers import T5EncoderModel
 
-    state = _read(path)
     bias = state.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
     if "shared.weight" not in state or bias is None:
         raise UserError(f"{path}: not a T5 encoder (kohya's --t5xxl): no shared / relative_attention_bias tensors")

@@ -114,8 +114,9 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
     """Load the base pipeline once (fp16 on GPU, bf16 for FLUX and SD3, fp32 on CPU) and place it per
     `[eval] memory`.
 
-    `family` is the run's model family (RunSpec.family; None: SD or SDXL per `sdxl`); for FLUX.1 `parts` holds
-    kohya's separate model files (clip_l, t5xxl, ae, tokenizer_cache_dir) used when `base_model` is a file.
+    `family` is the run's model family (RunSpec.family; None: SD or SDXL per `sdxl`); for FLUX.1 and SD3 `parts`
+    holds kohya's separate model files (clip_l, clip_g, t5xxl, ae, vae, tokenizer_cache_dir) used when
+    `base_model` is a file.
     """
     import diffusers
 
@@ -132,7 +133,19 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
                 "FLUX.1 folder in [eval] base_model, or kohya's transformer file with --clip_l, --t5xxl and --ae"
             ) from None
         return _ready(pipe, device, memory)
-    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+    if family == "sd3":
+        from lora_monitor.evaluation.sd3_files import load_sd3
+
+        try:
+            pipe = load_sd3(base_model, parts or {}, dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"SD3 base model {base_model!r} could not be loaded ({first_line(exc)}); give a diffusers SD3 "
+                f"folder in [eval] base_model (`hf download {base_model}` fetches a hub one), or kohya's checkpoint "
+                "file with the --clip_l, --clip_g, --t5xxl and --vae it does not contain"
+            ) from None
+        return _ready(pipe, device, memory)
+    cls = {"sdxl": diffusers.StableDiffusionXLPipeline,
            "lumina": diffusers.Lumina2Pipeline}.get(family, diffusers.StableDiffusionPipeline)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cls is diffusers.StableDiffusionPipeline:
@@ -146,11 +159,9 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
         else:
             pipe = cls.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
-        # diffusers' SD3 single files carry no text encoders; kohya's --clip_l/--clip_g/--t5xxl are not assembled
-        hint = " (an SD3 file needs its text encoders: give a diffusers SD3 folder)" if family == "sd3" else ""
         raise UserError(
             f"base model {base_model!r} could not be loaded ({first_line(exc)}); give a diffusers folder or "
-            f"a .safetensors file in [eval] base_model{hint}, or download it first with `hf download {base_model}`"
+            f"a .safetensors file in [eval] base_model, or download it first with `hf download {base_model}`"
         ) from None
     return _ready(pipe, device, memory)
 
