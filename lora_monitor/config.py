@@ -36,7 +36,8 @@ KOHYA_PATH_ARGS = frozenset(
         "tokenizer_cache_dir",
         "vae",
         "resume",
-        "clip_l",  # FLUX.1's separate model files (flux_train_network.py)
+        "clip_l",  # FLUX.1's and SD3's separate model files (flux_train_network.py, sd3_train_network.py)
+        "clip_g",
         "t5xxl",
         "ae",
     }

@@ -131,3 +131,17 @@ def test_flux_run_spec_carries_kohyas_separate_model_files(tmp_path: Path) -> No
     assert dict(spec.model_parts) == {"clip_l": str(tmp_path / "models/clip_l.safetensors"),
                                       "t5xxl": "/abs/t5xxl_fp16.safetensors",
                                       "ae": str(tmp_path / "models/ae.safetensors")}
+
+
+def test_sd3_run_spec_carries_kohyas_separate_model_files(tmp_path: Path) -> None:
+    """sd3_train_network.py takes CLIP-L, CLIP-G, T5-XXL, the VAE and the tokenizers' folder as separate files."""
+    text = _config(tmp_path, 'script = "sd3_train_network.py"') + (
+        'pretrained_model_name_or_path = "models/sd3.5_medium.safetensors"\nclip_l = "models/clip_l.safetensors"\n'
+        'clip_g = "models/clip_g.safetensors"\nt5xxl = "/abs/t5xxl_fp16.safetensors"\nvae = "models/vae.safetensors"\n'
+        'tokenizer_cache_dir = "tokenizers"\n')
+    spec = train_spec(parse_config(text, tmp_path / "c.toml"))
+    assert dict(spec.model_parts) == {"clip_l": str(tmp_path / "models/clip_l.safetensors"),
+                                      "clip_g": str(tmp_path / "models/clip_g.safetensors"),
+                                      "t5xxl": "/abs/t5xxl_fp16.safetensors",
+                                      "vae": str(tmp_path / "models/vae.safetensors"),
+                                      "tokenizer_cache_dir": str(tmp_path / "tokenizers")}
