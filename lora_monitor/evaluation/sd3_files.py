@@ -5,8 +5,11 @@ single-file layout: the MMDiT under `model.diffusion_model.`, the VAE under `fir
 "incl_clips" files, the text encoders under `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`. `--clip_l`,
 `--clip_g` and `--t5xxl` are transformers state dicts (CLIPTextModelWithProjection, T5EncoderModel), `--vae` an
 LDM-layout VAE; tokenizers come from the hub or kohya's `--tokenizer_cache_dir`. All three text encoders are
-needed (kohya calls `.eval()` on each, so it stops without T5 as well). Each model's size is read from its
-tensors' shapes, so tiny or pruned models load; the big ones are built on the meta device first.
+needed (kohya calls `.eval()` on each, so it stops without T5 as well). A separate file is used whenever it is
+given, the checkpoint's own model otherwise: kohya does so for CLIP-L, and prefers the checkpoint's CLIP-G / T5
+over --clip_g / --t5xxl, but strips only `text_encoders.<name>.` there, so Stability's `.transformer.` names never
+fit its models and such a run cannot have trained on them. Each model's size is read from its tensors' shapes, so
+tiny or pruned models load; the big ones are built on the meta device first.
 """
 
 from __future__ import annotations
