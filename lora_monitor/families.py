@@ -31,7 +31,7 @@ FAMILIES = (
     Family("sd3", "SD3.x", "sd3_train_network.py", True),
     Family("lumina", "Lumina 2", "lumina_train_network.py", True),
     Family("anima", "Anima", "anima_train_network.py", False),
-    Family("hunyuan_image", "HunyuanImage 2.1", "hunyuan_image_train_network.py", False),
+    Family("hunyuan_image", "HunyuanImage 2.1", "hunyuan_image_train_network.py", True),
     Family("flux2", "FLUX.2", "", False),  # only ever named by a file's metadata (other trainers)
 )
 BY_NAME = {f.name: f for f in FAMILIES}

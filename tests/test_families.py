@@ -90,7 +90,6 @@ def _config(tmp_path: Path, kohya: str) -> str:
     [
         ('script = "anima_train_network.py"',
          "kohya.script = 'anima_train_network.py' trains Anima LoRAs, which lora-monitor cannot evaluate yet"),
-        ('script = "hunyuan_image_train_network.py"', "trains HunyuanImage 2.1 LoRAs"),
         ('script = "train_network.py"\nsdxl = true', "kohya.sdxl = true but kohya.script = 'train_network.py'"),
     ],
 )
@@ -102,7 +101,7 @@ def test_unsupported_family_fails_at_config_load_in_one_line(tmp_path: Path, koh
     if "cannot evaluate" in text:
         assert text.endswith("supported: SD 1.x/2.x (train_network.py), SDXL (sdxl_train_network.py), "
                              "FLUX.1 (flux_train_network.py), SD3.x (sd3_train_network.py), "
-                             "Lumina 2 (lumina_train_network.py)")
+                             "Lumina 2 (lumina_train_network.py), HunyuanImage 2.1 (hunyuan_image_train_network.py)")
 
 
 @pytest.mark.parametrize(
@@ -114,6 +113,7 @@ def test_unsupported_family_fails_at_config_load_in_one_line(tmp_path: Path, koh
         ('script = "flux_train_network.py"', "flux", False),
         ('script = "sd3_train_network.py"', "sd3", False),
         ('script = "lumina_train_network.py"', "lumina", False),
+        ('script = "hunyuan_image_train_network.py"', "hunyuan_image", False),
     ],
 )
 def test_run_spec_family(tmp_path: Path, kohya: str, family: str, sdxl: bool) -> None:

@@ -141,7 +141,7 @@ class Evaluator:
     def _generate(self, strength: float, swap_s: float) -> Generated:
         if self._adapter is not None:
             # the scale the merge in _merged() folds in; set every time, a hotswap keeps the last one
-            self.pipe.set_adapters([self._adapter], adapter_weights=[strength])
+            self._set_strength(strength)
         started = time.perf_counter()
         images = self._generate_with_fallback(self._te_lora)
         return Generated(
@@ -182,7 +182,7 @@ class Evaluator:
 
         out: dict[float, list[Image.Image | None]] = {s: [None] * len(self.prompts) for s in strengths}
         seeds = self.seeds()
-        self.pipe.set_adapters([self._adapter], adapter_weights=[1.0])
+        self._set_strength(1.0)
         layers = self._adapter_modules()
         for key, indices in self._groups().items():
             width, height, steps, cfg_scale, _ = key
@@ -197,7 +197,7 @@ class Evaluator:
                         width=width,
                         height=height,
                         num_inference_steps=steps,
-                        guidance_scale=cfg_scale,
+                        **self.adapter.guidance_kwargs(cfg_scale),
                         generator=[torch.Generator("cpu").manual_seed(seeds[i]) for _, i, _ in chunk],
                         **self.adapter.call_kwargs(),
                     )
@@ -295,7 +295,7 @@ class Evaluator:
                     width=width,
                     height=height,
                     num_inference_steps=steps,
-                    guidance_scale=cfg_scale,
+                    **self.adapter.guidance_kwargs(cfg_scale),
                     generator=[torch.Generator(gen_device).manual_seed(seeds[i]) for i in chunk],
                     **self.adapter.call_kwargs(),
                 )
@@ -313,6 +313,12 @@ class Evaluator:
             for m in model.modules()
             if isinstance(m, BaseTunerLayer) and any(name in getattr(m, a, {}) for a in m.adapter_layer_names)
         ]
+
+    def _set_strength(self, strength: float) -> None:
+        """Scale the adapter's every layer by `strength`, in each model it reached: what diffusers' set_adapters
+        does, also for the models its loader does not know of (lora_attach) and for pipelines without one."""
+        for layer in self._adapter_modules():
+            layer.set_scale(self._adapter, strength)
 
     @contextlib.contextmanager
     def _merged(self) -> Iterator[None]:

@@ -146,7 +146,8 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
             ) from None
         return _ready(pipe, device, memory)
     cls = {"sdxl": diffusers.StableDiffusionXLPipeline,
-           "lumina": diffusers.Lumina2Pipeline}.get(family, diffusers.StableDiffusionPipeline)
+           "lumina": diffusers.Lumina2Pipeline, "hunyuan_image": diffusers.HunyuanImagePipeline,
+           }.get(family, diffusers.StableDiffusionPipeline)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cls is diffusers.StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -35,7 +35,8 @@ SCHNELL_STEPS = 4
 SD3_STEPS, SD3_TOKENS = 28, 256  # T5 tokens: diffusers' and kohya's sd3 default
 SD3_GUIDANCE = {"sd3-medium": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}
 LUMINA_STEPS, LUMINA_GUIDANCE, LUMINA_TOKENS = 30, 4.0, 256  # Lumina2Pipeline's own defaults (kohya: 256 tokens)
-BF16_FAMILIES = ("flux", "sd3", "lumina")
+HUNYUAN_STEPS, HUNYUAN_DISTILLED_STEPS, HUNYUAN_DISTILLED_GUIDANCE = 50, 8, 3.25  # HunyuanImagePipeline's defaults
+BF16_FAMILIES = ("flux", "sd3", "lumina", "hunyuan_image")
 FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens, as kohya's flux_train_network.py and diffusers use
 
 
@@ -83,6 +84,10 @@ class SDAdapter:
 
     def call_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def guidance_kwargs(self, scale: float) -> dict[str, Any]:
+        """What the pipeline call takes for the guidance `scale` of a group of prompts."""
+        return {"guidance_scale": scale}
 
     def check_scheduler(self, name: str) -> None:
         if name != "default" and self.flow_matching:
@@ -201,8 +206,56 @@ class LuminaAdapter(SDAdapter):
         return {n: t for n, t in zip(names, out, strict=True) if t is not None}
 
 
+class HunyuanImageAdapter(SDAdapter):
+    """HunyuanImage 2.1: a double/single-block transformer, Qwen2.5-VL for the prompt and ByT5 for its quoted text,
+    guidance by the pipeline's guider objects (classifier-free, then adaptive projected), no `guidance_scale`
+    argument; the distilled model (guidance embedding) takes `distilled_guidance_scale` instead."""
+
+    family = "hunyuan_image"
+    label = "HunyuanImage 2.1"
+    denoiser_name = "transformer"
+    flow_matching = True
+
+    @property
+    def distilled(self) -> bool:
+        return bool(self.pipe.transformer.config.guidance_embeds)
+
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 64 * 32: 2048 px
+
+    def default_steps(self) -> int:
+        return HUNYUAN_DISTILLED_STEPS if self.distilled else HUNYUAN_STEPS
+
+    def default_guidance(self) -> float:
+        if self.distilled:
+            return HUNYUAN_DISTILLED_GUIDANCE
+        guider = getattr(self.pipe, "guider", None)  # the model's own guider_config.json
+        return float(guider.guidance_scale) if guider is not None else 1.0
+
+    def negative(self, text: str) -> str:
+        return "" if self.distilled else text
+
+    def encode(self, texts: list[str], device: torch.device, guidance: float, negative: str) -> dict[str, Any]:
+        names = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+        n = len(texts)
+        out = dict(zip(names, self.pipe.encode_prompt(prompt=texts, device=device, batch_size=n), strict=True))
+        if guidance > 1.0 and not self.distilled:
+            negatives = self.pipe.encode_prompt(prompt=[negative] * n, device=device, batch_size=n)
+            out.update({f"negative_{n}": t for n, t in zip(names, negatives, strict=True)})
+        return out
+
+    def guidance_kwargs(self, scale: float) -> dict[str, Any]:
+        if self.distilled:
+            return {"distilled_guidance_scale": scale}
+        for name in ("guider", "ocr_guider"):  # ocr_guider serves prompts with quoted text
+            guider = getattr(self.pipe, name, None)
+            if guider is not None and guider.guidance_scale != scale:
+                setattr(self.pipe, name, guider.new(guidance_scale=scale))
+        return {}
+
+
 ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flux": FluxAdapter, "sd3": SD3Adapter,
-                                        "lumina": LuminaAdapter}
+                                        "lumina": LuminaAdapter, "hunyuan_image": HunyuanImageAdapter}
 
 
 def adapter_for(pipe: Any, family: str, system_prompt: str = "") -> SDAdapter:
