@@ -30,7 +30,7 @@ FAMILIES = (
     Family("flux", "FLUX.1", "flux_train_network.py", True),
     Family("sd3", "SD3.x", "sd3_train_network.py", True),
     Family("lumina", "Lumina 2", "lumina_train_network.py", True),
-    Family("anima", "Anima", "anima_train_network.py", False),
+    Family("anima", "Anima", "anima_train_network.py", True),
     Family("hunyuan_image", "HunyuanImage 2.1", "hunyuan_image_train_network.py", True),
     Family("flux2", "FLUX.2", "", False),  # only ever named by a file's metadata (other trainers)
 )
@@ -170,17 +170,20 @@ def family_of_model_folder(path: str | PurePath | None) -> str | None:
     import json
     from pathlib import Path
 
-    try:
-        name = json.loads((Path(str(path)) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
+    name = None
+    for index in ("model_index.json", "modular_model_index.json"):  # a modular pipeline's (Anima) names its class
+        try:
+            name = json.loads((Path(str(path)) / index).read_text(encoding="utf-8")).get("_class_name")
+            break
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
     return family_of_pipeline_class(name) if isinstance(name, str) and name else None
 
 
 def family_of_pipeline_class(name: str) -> str:
     """The family of a diffusers pipeline class name ("FluxPipeline" -> "flux"); SD for any other."""
     for marker, family in (("XL", "sdxl"), ("Flux2", "flux2"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
-                           ("Lumina", "lumina"), ("HunyuanImage", "hunyuan_image")):
+                           ("Lumina", "lumina"), ("HunyuanImage", "hunyuan_image"), ("Anima", "anima")):
         if marker in name:
             return family
     return "sd"

@@ -38,14 +38,14 @@ def _lora(folder: Path, name: str, key: str, metadata: dict[str, str]) -> None:
     ("StableDiffusion3Pipeline", [], "sd3"),
     (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {"ss_base_model_version": "5-large"})], "sd3"),
     (None, [("lora_unet_joint_blocks_0_x_block_attn_qkv", {})], "sd3"),
-    # a family lora-monitor cannot evaluate yet: SD, whose rows then name both families
     ("Lumina2Pipeline", [], "lumina"),
     (None, [("lora_unet_layers_0_attention_qkv", {"ss_base_model_version": "lumina2"})], "lumina"),
     ("HunyuanImagePipeline", [], "hunyuan_image"),
     (None, [("lora_unet_double_blocks_0_img_mlp_fc1", {"ss_base_model_version": "hunyuan-image-2.1"})],
      "hunyuan_image"),
-    ("AnimaModularPipeline", [], "sd"),  # (a modular pipeline: no model_index.json pipeline class anyway)
-    (None, [("lora_unet_blocks_0_self_attn_q_proj", {"ss_base_model_version": "anima"})], "sd"),
+    (None, [("lora_unet_blocks_0_self_attn_q_proj", {"ss_base_model_version": "anima"})], "anima"),
+    # a family lora-monitor cannot evaluate: SD, whose rows then name both families
+    (None, [("lora_unet_blocks_0_x", {"ss_base_model_version": "flux2"})], "sd"),
 ])
 def test_family_without_kohya_section(tmp_path: Path, class_name: str | None, files: list, family: str) -> None:
     base = tmp_path / "base"

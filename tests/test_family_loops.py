@@ -1,8 +1,8 @@
 """The newer families end to end through the CLI, on each family's tiny diffusers pipeline and kohya's own LoRA file
-(SD3, Lumina 2, HunyuanImage 2.1):
+(SD3, Lumina 2, HunyuanImage 2.1, Anima):
 
 - `eval-dir` on a folder of the family's files (the fixture and a stronger copy), no [kohya] section: the family
-  comes from the base model's model_index.json, each file gets a row of real metrics, the stronger one scores
+  comes from the base model's (modular_)model_index.json, each file gets a row of real metrics, the stronger one scores
   differently;
 - `train` with `[kohya] script` the family's kohya trainer (`sd3_train_network.py`, ...): a stand-in of that script
   (a real subprocess printing kohya's progress and saving the family's files in place) is launched, and each
@@ -20,12 +20,13 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests import hunyuan_model, lumina_model, sd3_model
+from tests import anima_model, hunyuan_model, lumina_model, sd3_model
 from tests.conftest import cli, write_config
 
 BUILDERS = {"sd3": sd3_model.build_tiny_sd3, "lumina": lumina_model.build_tiny_lumina,
-            "hunyuan_image": hunyuan_model.build_tiny_hunyuan}
-FIXTURES = {"sd3": sd3_model.FIXTURE, "lumina": lumina_model.FIXTURE, "hunyuan_image": hunyuan_model.FIXTURE}
+            "hunyuan_image": hunyuan_model.build_tiny_hunyuan, "anima": anima_model.build_tiny_anima}
+FIXTURES = {"sd3": sd3_model.FIXTURE, "lumina": lumina_model.FIXTURE, "hunyuan_image": hunyuan_model.FIXTURE,
+            "anima": anima_model.FIXTURE}
 
 METRICS = ["visual_loss", "fashion_clip_loss", "color_loss", "clip_t", "eval_score"]
 
@@ -38,7 +39,7 @@ def _copy(family: str, folder: Path, name: str, steps: int, up_factor: float) ->
     save_file(state, str(folder / name), metadata={**metadata, "ss_steps": str(steps)})
 
 
-@pytest.mark.parametrize("family", ["sd3", "lumina", "hunyuan_image"])
+@pytest.mark.parametrize("family", ["sd3", "lumina", "hunyuan_image", "anima"])
 def test_eval_dir_scores_kohya_files_of_the_family(family: str, demo_assets: Any, tmp_path: Path) -> None:
     base = BUILDERS[family](tmp_path / "model")
     folder = tmp_path / "run"
@@ -115,10 +116,10 @@ save_model(args.output_name, args.max_train_steps, 1)
 bar.close()
 '''
 SCRIPTS = {"sd3": "sd3_train_network.py", "lumina": "lumina_train_network.py",
-           "hunyuan_image": "hunyuan_image_train_network.py"}
+           "hunyuan_image": "hunyuan_image_train_network.py", "anima": "anima_train_network.py"}
 
 
-@pytest.mark.parametrize("family", ["sd3", "lumina", "hunyuan_image"])
+@pytest.mark.parametrize("family", ["sd3", "lumina", "hunyuan_image", "anima"])
 def test_train_runs_the_familys_kohya_script_and_evaluates_its_files(family: str, demo_assets: Any,
                                                                      tmp_path: Path) -> None:
     base = BUILDERS[family](tmp_path / "model")

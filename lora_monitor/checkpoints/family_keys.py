@@ -11,11 +11,11 @@ from types import ModuleType
 
 import torch
 
-from lora_monitor.checkpoints import flux_keys, hunyuan_keys, lumina_keys, sd3_keys
+from lora_monitor.checkpoints import anima_keys, flux_keys, hunyuan_keys, lumina_keys, sd3_keys
 from lora_monitor.checkpoints.kohya_keys import Part
 
 MAPPINGS: dict[str, ModuleType] = {"flux": flux_keys, "sd3": sd3_keys, "lumina": lumina_keys,
-                                   "hunyuan_image": hunyuan_keys}
+                                   "hunyuan_image": hunyuan_keys, "anima": anima_keys}
 
 
 def has_mapping(family: str) -> bool:

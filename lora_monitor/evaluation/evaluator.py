@@ -256,7 +256,7 @@ class Evaluator:
 
     def _components(self) -> dict[str, torch.nn.Module]:
         """The pipeline's models a LoRA can change, by component name."""
-        names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "text_conditioner")
         return {n: m for n in names if isinstance(m := getattr(self.pipe, n, None), torch.nn.Module)}
 
     def _models(self) -> list[torch.nn.Module]:

@@ -133,6 +133,16 @@ def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str
                 "FLUX.1 folder in [eval] base_model, or kohya's transformer file with --clip_l, --t5xxl and --ae"
             ) from None
         return _ready(pipe, device, memory)
+    if family == "anima":
+        from lora_monitor.evaluation.anima_pipeline import AnimaPipeline
+
+        try:
+            pipe = AnimaPipeline.from_pretrained(base_model, dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"Anima base model {base_model!r} could not be loaded ({first_line(exc)}); give a "
+                            "diffusers modular Anima folder (with modular_model_index.json) in [eval] base_model"
+                            ) from None
+        return _ready(pipe, device, memory)
     if family == "sd3":
         from lora_monitor.evaluation.sd3_files import load_sd3
 

@@ -36,7 +36,8 @@ SD3_STEPS, SD3_TOKENS = 28, 256  # T5 tokens: diffusers' and kohya's sd3 default
 SD3_GUIDANCE = {"sd3-medium": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}
 LUMINA_STEPS, LUMINA_GUIDANCE, LUMINA_TOKENS = 30, 4.0, 256  # Lumina2Pipeline's own defaults (kohya: 256 tokens)
 HUNYUAN_STEPS, HUNYUAN_DISTILLED_STEPS, HUNYUAN_DISTILLED_GUIDANCE = 50, 8, 3.25  # HunyuanImagePipeline's defaults
-BF16_FAMILIES = ("flux", "sd3", "lumina", "hunyuan_image")
+ANIMA_STEPS = 50  # the modular Anima pipeline's default
+BF16_FAMILIES = ("flux", "sd3", "lumina", "hunyuan_image", "anima")
 FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens, as kohya's flux_train_network.py and diffusers use
 
 
@@ -254,8 +255,31 @@ class HunyuanImageAdapter(SDAdapter):
         return {}
 
 
+class AnimaAdapter(SDAdapter):
+    """Anima (evaluation/anima_pipeline.py): a Cosmos DiT, Qwen3 states and T5 ids for its LLM adapter, flow
+    matching with classifier-free guidance set through the pipeline's guider."""
+
+    family = "anima"
+    label = "Anima"
+    denoiser_name = "transformer"
+    flow_matching = True
+
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: 1024 px
+
+    def default_steps(self) -> int:
+        return ANIMA_STEPS
+
+    def default_guidance(self) -> float:
+        return float(self.pipe.full.guider.guidance_scale)  # the model's own guider config (4.0 by default)
+
+    def encode(self, texts: list[str], device: torch.device, guidance: float, negative: str) -> dict[str, Any]:
+        return self.pipe.encode_prompt(texts, [negative] * len(texts) if guidance > 1.0 else None, device)
+
+
 ADAPTERS: dict[str, type[SDAdapter]] = {"sd": SDAdapter, "sdxl": SDAdapter, "flux": FluxAdapter, "sd3": SD3Adapter,
-                                        "lumina": LuminaAdapter, "hunyuan_image": HunyuanImageAdapter}
+                                        "lumina": LuminaAdapter, "hunyuan_image": HunyuanImageAdapter,
+                                        "anima": AnimaAdapter}
 
 
 def adapter_for(pipe: Any, family: str, system_prompt: str = "") -> SDAdapter:
