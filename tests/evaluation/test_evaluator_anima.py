@@ -1,6 +1,6 @@
-"""Anima evaluation on the tiny modular Anima pipeline of tests/anima_model.py, through AnimaPipeline: loading from
-its folder, Anima's defaults, prompts encoded once and the same images as the modular pipeline's own call, kohya's
-own file (DiT and Qwen3 modules) applied with every module counted, and the base restored bit for bit."""
+"""Anima on the tiny modular pipeline of tests/anima_model.py, through AnimaPipeline: the folder names its family,
+and prompts encoded once then the blocks after the text step give the modular pipeline's own images (the common
+part, defaults and kohya's file applied, is in test_evaluator_families.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_monitor.checkpoints import coverage
 from lora_monitor.config import EvalConfig
-from lora_monitor.errors import UserError
 from lora_monitor.evaluation import evaluator as ev
 from lora_monitor.evaluation import pipeline_loading as pl
 from lora_monitor.evaluation.prompts import Prompt
@@ -37,14 +35,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_anima(tmp_path_factory.mktemp("anima") / "model")
 
 
-def test_anima_folder_defaults_and_scheduler(tiny: Path, tmp_path: Path) -> None:
-    assert family_of_model_folder(tiny) == "anima"  # from modular_model_index.json
-    pipe = pl.load_pipeline(str(tiny), False, CPU, family="anima")
-    assert type(pipe).__name__ == "AnimaPipeline" and type(pipe.full).__name__ == "AnimaModularPipeline"
-    evaluator = ev.Evaluator(pipe, PROMPTS, EvalConfig(device="cpu", negative_prompt="blurry"), tmp_path)
-    assert evaluator._groups() == {(1024, 1024, 50, 4.0, "blurry"): [0, 1]}  # 128 x 8 px, 50 steps, CFG 4
-    with pytest.raises(UserError, match="Anima samples with its own flow-matching scheduler"):
-        ev.Evaluator(pipe, PROMPTS, EvalConfig(device="cpu", scheduler="ddim"), tmp_path)
+def test_the_modular_folder_names_its_family(tiny: Path) -> None:
+    assert family_of_model_folder(tiny) == "anima"  # from modular_model_index.json: eval-dir needs no [kohya]
+    assert not (tiny / "model_index.json").exists()
 
 
 def test_images_equal_the_modular_pipelines_own_call(tiny: Path, tmp_path: Path) -> None:
@@ -60,17 +53,3 @@ def test_images_equal_the_modular_pipelines_own_call(tiny: Path, tmp_path: Path)
                     output="images")
     for a, b in zip(_pixels(images), _pixels(own), strict=True):
         assert np.abs(a - b).max() <= 1  # 8-bit rounding of the same latents
-
-
-def test_kohya_anima_lora_changes_images_and_the_base_comes_back_bit_for_bit(tiny: Path, tmp_path: Path) -> None:
-    pipe = pl.load_pipeline(str(tiny), False, CPU, family="anima")
-    cfg = EvalConfig(device="cpu", steps=2, width=64, height=64, batch_size=2, negative_prompt="blurry")
-    evaluator = ev.Evaluator(pipe, PROMPTS, cfg, tmp_path)
-    base = evaluator.generate_base()
-    evaluator.swap_in(ev.load_lora_state(LORA, "anima"))  # raises unless all 24 modules (10 DiT, 14 Qwen3) applied
-    assert len(coverage.adapted_targets(evaluator._components(), evaluator._adapter)) == 24
-    with_lora = evaluator.generate(LORA)
-    pairs = zip(_pixels(base.images), _pixels(with_lora.images), strict=True)
-    assert all(not np.array_equal(a, b) for a, b in pairs)
-    again = evaluator.generate_base()
-    assert all(np.array_equal(a, b) for a, b in zip(_pixels(base.images), _pixels(again.images), strict=True))
