@@ -63,14 +63,14 @@ def load_flux(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) -> 
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**schedule),
         vae=load_ae(Path(parts["ae"]), dtype),
         text_encoder=load_clip_l(Path(parts["clip_l"]), dtype),
-        tokenizer=_tokenizer("CLIPTokenizer", CLIP_L_TOKENIZER, cache),
+        tokenizer=kohya_tokenizer("CLIPTokenizer", CLIP_L_TOKENIZER, cache),
         text_encoder_2=load_t5(Path(parts["t5xxl"]), dtype),
-        tokenizer_2=_tokenizer("T5TokenizerFast", T5_XXL_TOKENIZER, cache),
+        tokenizer_2=kohya_tokenizer("T5TokenizerFast", T5_XXL_TOKENIZER, cache),
         transformer=transformer,
     )
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if path.suffix != ".safetensors":
@@ -81,11 +81,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _count(keys: list[str], pattern: str) -> int:
+def count_matching(keys: list[str], pattern: str) -> int:
     return len({m[1] for k in keys if (m := re.match(pattern, k))})
 
 
-def _on_meta(cls: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path, **config: Any) -> Any:
+def on_meta(cls: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path, **config: Any) -> Any:
     """`cls(**config)` with `state` as its weights, built without allocating its own (random) ones."""
     with torch.device("meta"):
         model = cls(**config) if not hasattr(cls, "config_class") else cls(cls.config_class(**config))
@@ -140,8 +140,8 @@ def transformer_config(state: dict[str, torch.Tensor], where: Path) -> dict[str,
         "patch_size": 1,
         "in_channels": int(in_channels),
         "out_channels": int(state["final_layer.linear.weight"].shape[0]),
-        "num_layers": _count(keys, r"double_blocks\.(\d+)\."),
-        "num_single_layers": _count(keys, r"single_blocks\.(\d+)\."),
+        "num_layers": count_matching(keys, r"double_blocks\.(\d+)\."),
+        "num_single_layers": count_matching(keys, r"single_blocks\.(\d+)\."),
         "attention_head_dim": int(head_dim),
         "num_attention_heads": int(hidden // head_dim),
         "joint_attention_dim": int(state["txt_in.weight"].shape[1]),
@@ -154,20 +154,20 @@ def transformer_config(state: dict[str, torch.Tensor], where: Path) -> dict[str,
 def load_transformer(path: Path, dtype: torch.dtype) -> Any:
     from diffusers import FluxTransformer2DModel
 
-    state = {k.removeprefix("model.diffusion_model."): v for k, v in _read(path).items()}
+    state = {k.removeprefix("model.diffusion_model."): v for k, v in read_safetensors(path).items()}
     if "transformer_blocks.0.attn.add_k_proj.bias" in state:  # already diffusers' layout (kohya reads both)
         raise UserError(f"{path}: a FLUX transformer in diffusers' layout; set [eval] base_model to the diffusers "
                         "folder it belongs to")
     if "img_in.weight" not in state or "double_blocks.0.img_attn.norm.query_norm.scale" not in state:
         raise UserError(f"{path}: not a FLUX.1 transformer (no img_in / double_blocks tensors)")
     config = transformer_config(state, path)
-    return _on_meta(FluxTransformer2DModel, bfl_to_diffusers(state), dtype, path, **config)
+    return on_meta(FluxTransformer2DModel, bfl_to_diffusers(state), dtype, path, **config)
 
 
 # ------------------------------------------------------------------------------------- autoencoder, encoders
 def load_ae(path: Path, dtype: torch.dtype) -> Any:
     """BFL's autoencoder (the LDM VAE layout without quant convs, 16 latent channels) as an AutoencoderKL."""
-    return ldm_vae(_read(path), dtype, path, "FLUX.1's autoencoder (kohya's --ae)", AE_SCALING, AE_SHIFT)
+    return ldm_vae(read_safetensors(path), dtype, path, "FLUX.1's autoencoder (kohya's --ae)", AE_SCALING, AE_SHIFT)
 
 
 def ldm_vae(state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path, what: str, scaling: float,
@@ -179,14 +179,14 @@ def ldm_vae(state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path, wha
     keys = list(state)
     if "decoder.conv_in.weight" not in state or "encoder.down.0.block.0.conv1.weight" not in state:
         raise UserError(f"{where}: not {what}: no encoder/decoder tensors")
-    levels = _count(keys, r"encoder\.down\.(\d+)\.")
+    levels = count_matching(keys, r"encoder\.down\.(\d+)\.")
     config = {
         "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
         "out_channels": int(state["decoder.conv_out.weight"].shape[0]),
         "latent_channels": int(state["decoder.conv_in.weight"].shape[1]),
         "block_out_channels": tuple(int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0])
                                     for i in range(levels)),
-        "layers_per_block": _count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
+        "layers_per_block": count_matching(keys, r"encoder\.down\.0\.block\.(\d+)\."),
         "down_block_types": ("DownEncoderBlock2D",) * levels,
         "up_block_types": ("UpDecoderBlock2D",) * levels,
         "norm_num_groups": 32,  # BFL's AE normalises in 32 groups everywhere
@@ -207,14 +207,15 @@ def ldm_vae(state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path, wha
 def load_clip_l(path: Path, dtype: torch.dtype) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    state = {k.removeprefix("text_model."): v for k, v in _read(path).items() if not k.endswith("position_ids")}
+    state = {k.removeprefix("text_model."): v for k, v in read_safetensors(path).items()
+             if not k.endswith("position_ids")}
     if "embeddings.token_embedding.weight" not in state:
         raise UserError(f"{path}: not a CLIP-L text encoder (kohya's --clip_l): no token embedding")
     vocab, hidden = state["embeddings.token_embedding.weight"].shape
     config = CLIPTextConfig(
         vocab_size=int(vocab), hidden_size=int(hidden), num_attention_heads=max(1, int(hidden) // 64),
         intermediate_size=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_hidden_layers=_count(list(state), r"encoder\.layers\.(\d+)\."),
+        num_hidden_layers=count_matching(list(state), r"encoder\.layers\.(\d+)\."),
         max_position_embeddings=int(state["embeddings.position_embedding.weight"].shape[0]),
         projection_dim=int(hidden), hidden_act="quick_gelu",
         bos_token_id=0, eos_token_id=2, pad_token_id=1,  # kohya's CLIPL_CONFIG: eos 2 pools at the highest id
@@ -229,7 +230,7 @@ def load_clip_l(path: Path, dtype: torch.dtype) -> Any:
 
 
 def load_t5(path: Path, dtype: torch.dtype) -> Any:
-    return t5_from_state(_read(path), dtype, path)
+    return t5_from_state(read_safetensors(path), dtype, path)
 
 
 def t5_from_state(state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> Any:
@@ -243,16 +244,17 @@ def t5_from_state(state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path
     heads = int(bias.shape[1])
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
     d_ff = state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0]
-    return _on_meta(
+    return on_meta(
         T5EncoderModel, state, dtype, path,
         vocab_size=int(vocab), d_model=int(d_model), num_heads=heads,
         d_kv=int(state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]) // heads, d_ff=int(d_ff),
-        num_layers=_count(list(state), r"encoder\.block\.(\d+)\."), relative_attention_num_buckets=int(bias.shape[0]),
+        num_layers=count_matching(list(state), r"encoder\.block\.(\d+)\."),
+        relative_attention_num_buckets=int(bias.shape[0]),
         feed_forward_proj="gated-gelu" if gated else "relu",
     )
 
 
-def _tokenizer(class_name: str, hub_id: str, cache_dir: str | None) -> Any:
+def kohya_tokenizer(class_name: str, hub_id: str, cache_dir: str | None) -> Any:
     """kohya's tokenizer: from `<tokenizer_cache_dir>/<hub id with _ for />` when there, else the hub (cache)."""
     import transformers
 

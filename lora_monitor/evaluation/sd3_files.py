@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from lora_monitor.errors import UserError
-from lora_monitor.evaluation.flux_files import _count, _on_meta, _read, _tokenizer, ldm_vae, t5_from_state
+from lora_monitor.evaluation.flux_files import (
+    count_matching,
+    kohya_tokenizer,
+    ldm_vae,
+    on_meta,
+    read_safetensors,
+    t5_from_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ def load_sd3(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) -> A
     for name in KOHYA_PARTS:
         if parts.get(name) and not Path(parts[name]).is_file():
             raise UserError(f"kohya's --{name} file {parts[name]} does not exist; check the path")
-    state = _read(path)
+    state = read_safetensors(path)
     mmdit = mmdit_state(state, path)
     inside = {name: _embedded(state, name) for name in ENCODERS}
     inside["vae"] = {k.removeprefix(VAE_PREFIX): v for k, v in state.items() if k.startswith(VAE_PREFIX)}
@@ -68,15 +75,15 @@ def load_sd3(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) -> A
              ", ".join(f"{name} {'from ' + p.name if p != path else 'inside'}" for name, p in sources.items()))
     models = {slot: _encoder(name, parts, inside[name], sources[name], dtype)
               for name, (_, slot, _, _) in ENCODERS.items()}
-    vae_state = _read(sources["vae"]) if parts.get("vae") else inside["vae"]
+    vae_state = read_safetensors(sources["vae"]) if parts.get("vae") else inside["vae"]
     cache = parts.get("tokenizer_cache_dir")
     return diffusers.StableDiffusion3Pipeline(
         transformer=load_transformer(mmdit, path, dtype),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
         vae=ldm_vae(vae_state, dtype, sources["vae"], "an SD3 VAE (kohya's --vae)", VAE_SCALING, VAE_SHIFT),
-        tokenizer=_tokenizer("CLIPTokenizer", TOKENIZERS["clip_l"], cache),
-        tokenizer_2=_tokenizer("CLIPTokenizer", TOKENIZERS["clip_g"], cache),
-        tokenizer_3=_tokenizer("T5TokenizerFast", TOKENIZERS["t5xxl"], cache),
+        tokenizer=kohya_tokenizer("CLIPTokenizer", TOKENIZERS["clip_l"], cache),
+        tokenizer_2=kohya_tokenizer("CLIPTokenizer", TOKENIZERS["clip_g"], cache),
+        tokenizer_3=kohya_tokenizer("T5TokenizerFast", TOKENIZERS["t5xxl"], cache),
         **models,
     )
 
@@ -89,7 +96,7 @@ def _embedded(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tens
 
 def _encoder(name: str, parts: Mapping[str, str], inside: dict[str, torch.Tensor], where: Path,
              dtype: torch.dtype) -> Any:
-    state = _read(where) if parts.get(name) else inside
+    state = read_safetensors(where) if parts.get(name) else inside
     label, _, marker, act = ENCODERS[name]
     if marker not in state:
         raise UserError(f"{where}: no {label} text encoder (kohya's --{name}) in it: no {marker} tensor")
@@ -116,7 +123,7 @@ def transformer_config(state: dict[str, torch.Tensor], where: Path) -> dict[str,
         "patch_size": int(patch),
         "in_channels": int(in_channels),
         "out_channels": int(state["final_layer.linear.weight"].shape[0]) // int(patch) ** 2,
-        "num_layers": _count(keys, r"joint_blocks\.(\d+)\."),
+        "num_layers": count_matching(keys, r"joint_blocks\.(\d+)\."),
         "attention_head_dim": HEAD_DIM,
         "num_attention_heads": int(hidden) // HEAD_DIM,
         "joint_attention_dim": int(context_in),
@@ -154,7 +161,7 @@ def load_transformer(state: dict[str, torch.Tensor], where: Path, dtype: torch.d
         raise UserError(f"{where}: SD3 MMDiT tensor {exc} is missing; the file is incomplete") from None
     if state:  # kohya loads the MMDiT with strict=False: tensors it has no use for are left out here too
         log.warning("%s: %d MMDiT tensors not used, e.g. %s", where, len(state), ", ".join(sorted(state)[:3]))
-    return _on_meta(SD3Transformer2DModel, converted, dtype, where, **config)
+    return on_meta(SD3Transformer2DModel, converted, dtype, where, **config)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
@@ -171,7 +178,7 @@ def clip_from_state(state: dict[str, torch.Tensor], dtype: torch.dtype, where: P
     config = CLIPTextConfig(
         vocab_size=int(vocab), hidden_size=int(hidden), num_attention_heads=max(1, int(hidden) // HEAD_DIM),
         intermediate_size=int(state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_hidden_layers=_count(list(state), r"text_model\.encoder\.layers\.(\d+)\."),
+        num_hidden_layers=count_matching(list(state), r"text_model\.encoder\.layers\.(\d+)\."),
         max_position_embeddings=positions, hidden_act=act,
         projection_dim=int(state["text_projection.weight"].shape[0]) if "text_projection.weight" in state else 0,
         bos_token_id=0, eos_token_id=2, pad_token_id=1,  # kohya's configs: eos 2 pools at the highest token id
