@@ -104,6 +104,18 @@ def load_hunyuan(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) 
     )
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, also under the `.sft` extension that kohya's --text_encoder / --byt5 help names."""
+    if path.suffix != ".sft":
+        return read_safetensors(path)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+
+
 # ---------------------------------------------------------------------------------------------- transformer
 def original_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tencent's HunyuanImage 2.1 DiT weights as diffusers names them, fused layers split by rows at any width."""
@@ -164,7 +176,7 @@ def transformer_config(state: dict[str, torch.Tensor], where: Path) -> dict[str,
 def load_transformer(path: Path, dtype: torch.dtype) -> Any:
     from diffusers import HunyuanImageTransformer2DModel
 
-    state = read_safetensors(path)
+    state = read_weights(path)
     if "x_embedder.proj.weight" in state or "transformer_blocks.0.attn.to_q.weight" in state:
         raise UserError(f"{path}: a HunyuanImage transformer in diffusers' layout; set [eval] base_model to the "
                         "diffusers folder it belongs to")
@@ -226,7 +238,7 @@ def vae_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 def load_vae(path: Path, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderKLHunyuanImage
 
-    state = read_safetensors(path)
+    state = read_weights(path)
     if "decoder.conv_in.weight" not in state or "encoder.down.0.block.0.conv1.weight" not in state:
         raise UserError(f"{path}: not a HunyuanImage VAE (kohya's --vae): no encoder.down / decoder tensors")
     config = vae_config(state)
@@ -287,7 +299,7 @@ def qwen_config(state: dict[str, torch.Tensor]) -> Any:
 def load_qwen(path: Path, dtype: torch.dtype) -> Any:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    state = qwen_state(read_safetensors(path))
+    state = qwen_state(read_weights(path))
     needed = ("model.language_model.embed_tokens.weight", "model.language_model.layers.0.self_attn.k_proj.weight",
               "model.visual.patch_embed.proj.weight", "model.visual.blocks.0.mlp.gate_proj.weight",
               "model.visual.merger.mlp.2.weight")
@@ -302,7 +314,7 @@ def load_qwen(path: Path, dtype: torch.dtype) -> Any:
 def load_byt5(path: Path, dtype: torch.dtype) -> Any:
     """kohya's ByT5 (a T5 encoder state dict) as the T5EncoderModel the pipeline types, vocabulary as in the file
     (kohya's colour and font tokens included: the pipeline writes none, so they are never looked up)."""
-    state = read_safetensors(path)
+    state = read_weights(path)
     if "shared.weight" not in state or "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" \
             not in state:
         raise UserError(f"{path}: not a ByT5 encoder (kohya's --byt5): no shared / encoder.block tensors")

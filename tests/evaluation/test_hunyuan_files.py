@@ -257,6 +257,13 @@ def test_a_wrong_dit_file_fails_in_one_line(kohya: dict, base: str, message: str
     assert "\n" not in str(err.value)
 
 
+def test_an_sft_file_is_read_as_safetensors(kohya: dict, tmp_path: Path) -> None:
+    sft = tmp_path / "byt5.sft"
+    sft.write_bytes(Path(kohya["parts"]["byt5"]).read_bytes())
+    model = hunyuan_files.load_byt5(sft, FP32)
+    assert torch.equal(model.shared.weight, kohya["keys"]["byt5"]["shared.weight"])
+
+
 def test_a_pickle_file_is_refused(kohya: dict, tmp_path: Path) -> None:
     pickle = tmp_path / "qwen.pt"
     pickle.write_bytes(b"not loaded")
