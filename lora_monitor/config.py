@@ -36,10 +36,16 @@ KOHYA_PATH_ARGS = frozenset(
         "tokenizer_cache_dir",
         "vae",
         "resume",
-        "clip_l",  # FLUX.1's and SD3's separate model files (flux_train_network.py, sd3_train_network.py)
+        "clip_l",  # the transformer families' separate model files (flux_, sd3_, lumina_, hunyuan_image_, anima_...)
         "clip_g",
         "t5xxl",
         "ae",
+        "gemma2",
+        "text_encoder",
+        "byt5",
+        "qwen3",
+        "llm_adapter_path",
+        "t5_tokenizer_path",
     }
 )
 

@@ -102,9 +102,11 @@ def _base_model(config: Config, args: dict[str, Any], base: Path) -> str | None:
     return str(_path(value, base)) if looks_local(str(value), base) else str(value)
 
 
-# the separate model files of flux_train_network.py (clip_l, t5xxl, ae) and sd3_train_network.py (clip_l, clip_g,
-# t5xxl, vae), and where both find their tokenizers
-MODEL_PART_ARGS = ("clip_l", "clip_g", "t5xxl", "ae", "vae", "tokenizer_cache_dir")
+# the separate model files of kohya's transformer-family trainers: flux_ (clip_l, t5xxl, ae), sd3_ (clip_l, clip_g,
+# t5xxl, vae), lumina_ (gemma2, ae), hunyuan_image_ (text_encoder, byt5, vae), anima_ (qwen3, vae, llm_adapter_path,
+# t5_tokenizer_path), and where they find their tokenizers
+MODEL_PART_ARGS = ("clip_l", "clip_g", "t5xxl", "ae", "vae", "tokenizer_cache_dir", "gemma2", "text_encoder", "byt5",
+                   "qwen3", "llm_adapter_path", "t5_tokenizer_path")
 
 
 def _model_parts(args: dict[str, Any], base: Path) -> tuple[tuple[str, str], ...]:

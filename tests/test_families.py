@@ -152,3 +152,21 @@ def test_sd3_run_spec_carries_kohyas_separate_model_files(tmp_path: Path) -> Non
                                       "t5xxl": "/abs/t5xxl_fp16.safetensors",
                                       "vae": str(tmp_path / "models/vae.safetensors"),
                                       "tokenizer_cache_dir": str(tmp_path / "tokenizers")}
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("lumina_train_network.py", {"gemma2": "models/gemma_2_2b.safetensors", "ae": "models/ae.safetensors"}),
+    ("hunyuan_image_train_network.py", {"text_encoder": "models/qwen_2.5_vl_7b.safetensors",
+                                        "byt5": "models/byt5_small.safetensors", "vae": "models/vae.safetensors"}),
+    ("anima_train_network.py", {"qwen3": "models/qwen_3_06b.safetensors", "vae": "/abs/qwen_image_vae.safetensors",
+                                "t5_tokenizer_path": "tokenizers/t5",
+                                "llm_adapter_path": "models/adapter.safetensors"}),
+])
+def test_newer_families_run_spec_carries_kohyas_separate_model_files(tmp_path: Path, script: str,
+                                                                     args: dict[str, str]) -> None:
+    """Each trainer's own arguments for its separate model files reach the pipeline loader, resolved like kohya's
+    other paths (relative to the config file)."""
+    text = _config(tmp_path, f'script = "{script}"') + 'pretrained_model_name_or_path = "models/dit.safetensors"\n'
+    text += "".join(f'{key} = "{value}"\n' for key, value in args.items())
+    spec = train_spec(parse_config(text, tmp_path / "c.toml"))
+    assert dict(spec.model_parts) == {k: v if v.startswith("/") else str(tmp_path / v) for k, v in args.items()}

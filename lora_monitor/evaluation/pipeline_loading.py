@@ -4,6 +4,7 @@ device, or CPU offload)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from lora_monitor.evaluation.lora_state import first_line
 from lora_monitor.evaluation.pipelines import family_dtype
 
 log = logging.getLogger(__name__)
+
+
+# The transformer families: a diffusers folder, or the files kohya trains on (module, its loader, the family's name,
+# what kohya's files are: for the one-line error)
+FILE_LOADERS = {
+    "flux": ("flux_files", "load_flux", "FLUX.1", "transformer file with --clip_l, --t5xxl and --ae"),
+    "sd3": ("sd3_files", "load_sd3", "SD3", "checkpoint file with the --clip_l, --clip_g, --t5xxl and --vae it lacks"),
+    "lumina": ("lumina_files", "load_lumina", "Lumina 2", "NextDiT file with --gemma2 and --ae"),
+    "hunyuan_image": ("hunyuan_files", "load_hunyuan", "HunyuanImage 2.1",
+                      "DiT file with --text_encoder, --byt5 and --vae"),
+    "anima": ("anima_files", "load_anima", "Anima", "DiT file with --qwen3 and --vae"),
+}
 
 
 # `memory = auto` keeps the whole pipeline on the GPU when free memory is at least this many times the
@@ -111,53 +124,30 @@ def ensure_sdpa(pipe: Any) -> int:
 
 def load_pipeline(base_model: str, sdxl: bool, device: torch.device, memory: str = "auto", family: str | None = None,
                   parts: dict[str, str] | None = None) -> Any:
-    """Load the base pipeline once (fp16 on GPU, bf16 for FLUX and SD3, fp32 on CPU) and place it per
+    """Load the base pipeline once (fp16 on GPU, bf16 for the transformer families, fp32 on CPU) and place it per
     `[eval] memory`.
 
-    `family` is the run's model family (RunSpec.family; None: SD or SDXL per `sdxl`); for FLUX.1 and SD3 `parts`
-    holds kohya's separate model files (clip_l, clip_g, t5xxl, ae, vae, tokenizer_cache_dir) used when
+    `family` is the run's model family (RunSpec.family; None: SD or SDXL per `sdxl`); for the transformer
+    families `parts` holds kohya's separate model files (FILE_LOADERS; run_spec.MODEL_PART_ARGS) used when
     `base_model` is a file.
     """
     import diffusers
 
     family = family or ("sdxl" if sdxl else "sd")
     dtype = family_dtype(family, device, device_dtype(device))
-    if family == "flux":
-        from lora_monitor.evaluation.flux_files import load_flux
-
+    if family in FILE_LOADERS:
+        module, function, label, files = FILE_LOADERS[family]
+        load = getattr(importlib.import_module(f"lora_monitor.evaluation.{module}"), function)
         try:
-            pipe = load_flux(base_model, parts or {}, dtype)
+            pipe = load(base_model, parts or {}, dtype)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"FLUX.1 base model {base_model!r} could not be loaded ({first_line(exc)}); give a diffusers "
-                "FLUX.1 folder in [eval] base_model, or kohya's transformer file with --clip_l, --t5xxl and --ae"
+                f"{label} base model {base_model!r} could not be loaded ({first_line(exc)}); give a diffusers "
+                f"{label} folder in [eval] base_model (`hf download <repo>` fetches a hub one), or kohya's "
+                f"{files}"
             ) from None
         return _ready(pipe, device, memory)
-    if family == "anima":
-        from lora_monitor.evaluation.anima_pipeline import AnimaPipeline
-
-        try:
-            pipe = AnimaPipeline.from_pretrained(base_model, dtype)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"Anima base model {base_model!r} could not be loaded ({first_line(exc)}); give a "
-                            "diffusers modular Anima folder (with modular_model_index.json) in [eval] base_model"
-                            ) from None
-        return _ready(pipe, device, memory)
-    if family == "sd3":
-        from lora_monitor.evaluation.sd3_files import load_sd3
-
-        try:
-            pipe = load_sd3(base_model, parts or {}, dtype)
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"SD3 base model {base_model!r} could not be loaded ({first_line(exc)}); give a diffusers SD3 "
-                f"folder in [eval] base_model (`hf download {base_model}` fetches a hub one), or kohya's checkpoint "
-                "file with the --clip_l, --clip_g, --t5xxl and --vae it does not contain"
-            ) from None
-        return _ready(pipe, device, memory)
-    cls = {"sdxl": diffusers.StableDiffusionXLPipeline,
-           "lumina": diffusers.Lumina2Pipeline, "hunyuan_image": diffusers.HunyuanImagePipeline,
-           }.get(family, diffusers.StableDiffusionPipeline)
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cls is diffusers.StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

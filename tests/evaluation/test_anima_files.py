@@ -19,6 +19,7 @@ from lora_monitor.config import EvalConfig
 from lora_monitor.errors import UserError
 from lora_monitor.evaluation import anima_files
 from lora_monitor.evaluation import evaluator as ev
+from lora_monitor.evaluation import pipeline_loading as pl
 from lora_monitor.evaluation.anima_pipeline import AnimaPipeline
 from lora_monitor.evaluation.prompts import Prompt
 from tests.anima_model import build_tiny_anima
@@ -119,7 +120,9 @@ def kohya(request: pytest.FixtureRequest, folder: Path, tmp_path_factory: pytest
 def loaded(kohya: dict) -> tuple[AnimaPipeline, AnimaPipeline]:
     with pytest.MonkeyPatch.context() as mp:  # the hub's Qwen3-0.6B tokenizer, offline: the folder's
         mp.setattr(anima_files, "QWEN3_TOKENIZER", str(kohya["folder"] / "tokenizer"))
-        assembled = anima_files.load_anima(kohya["file"], kohya["parts"], F32)
+        # the file through the evaluator's own loader: the family's branch of pipeline_loading picks load_anima
+        assembled = pl.load_pipeline(str(kohya["file"]), False, torch.device("cpu"), family="anima",
+                                     parts=kohya["parts"])
     return assembled, anima_files.load_anima(str(kohya["folder"]), {}, F32)
 
 

@@ -20,6 +20,7 @@ from lora_monitor.config import EvalConfig
 from lora_monitor.errors import UserError
 from lora_monitor.evaluation import evaluator as ev
 from lora_monitor.evaluation import hunyuan_files
+from lora_monitor.evaluation import pipeline_loading as pl
 from lora_monitor.evaluation.prompts import Prompt
 from tests.hunyuan_model import FIXTURE, build_tiny_hunyuan
 
@@ -153,7 +154,9 @@ def kohya(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def loaded(kohya: dict) -> tuple:
-    pipes = (hunyuan_files.load_hunyuan(str(kohya["file"]), kohya["parts"], FP32),
+    # the file through the evaluator's own loader: the family's branch of pipeline_loading picks load_hunyuan
+    pipes = (pl.load_pipeline(str(kohya["file"]), False, torch.device("cpu"), family="hunyuan_image",
+                              parts=kohya["parts"]),
              hunyuan_files.load_hunyuan(str(kohya["folder"]), {}, FP32))
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
