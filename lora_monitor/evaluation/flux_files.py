@@ -48,14 +48,7 @@ def load_flux(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) -> 
     path = Path(base_model)
     if not path.is_file():
         return diffusers.FluxPipeline.from_pretrained(base_model, dtype=dtype)
-    missing = [f"--{name}" for name in KOHYA_PARTS if not parts.get(name)]
-    if missing:
-        raise UserError(f"base model {base_model} is a FLUX transformer file alone: kohya's {', '.join(missing)} "
-                        "must be given too (in [kohya.args] or its config_file), or set [eval] base_model to a "
-                        "diffusers FLUX.1 folder")
-    for name in KOHYA_PARTS:
-        if not Path(parts[name]).is_file():
-            raise UserError(f"kohya's --{name} file {parts[name]} does not exist; check the path")
+    require_parts(base_model, parts, KOHYA_PARTS, "a FLUX transformer file", "FLUX.1")
     cache = parts.get("tokenizer_cache_dir")
     transformer = load_transformer(path, dtype)
     schedule = DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER
@@ -68,6 +61,18 @@ def load_flux(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) -> 
         tokenizer_2=kohya_tokenizer("T5TokenizerFast", T5_XXL_TOKENIZER, cache),
         transformer=transformer,
     )
+
+
+def require_parts(base_model: str, parts: Mapping[str, str], names: tuple[str, ...], what: str, family: str) -> None:
+    """UserError (one line) unless kohya's model files `names` are all given in `parts` and exist."""
+    missing = [f"--{name}" for name in names if not parts.get(name)]
+    if missing:
+        raise UserError(f"base model {base_model} is {what} alone: kohya's {', '.join(missing)} must be given "
+                        f"too (in [kohya.args] or its config_file), or set [eval] base_model to a diffusers {family} "
+                        "folder")
+    for name in names:
+        if not Path(parts[name]).is_file():
+            raise UserError(f"kohya's --{name} file {parts[name]} does not exist; check the path")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -33,7 +33,14 @@ from accelerate import init_empty_weights
 
 from lora_monitor.checkpoints import hunyuan_keys
 from lora_monitor.errors import UserError
-from lora_monitor.evaluation.flux_files import count_matching, kohya_tokenizer, on_meta, read_safetensors, t5_from_state
+from lora_monitor.evaluation.flux_files import (
+    count_matching,
+    kohya_tokenizer,
+    on_meta,
+    read_safetensors,
+    require_parts,
+    t5_from_state,
+)
 
 QWEN_TOKENIZER = "Qwen/Qwen2.5-VL-7B-Instruct"  # kohya's hunyuan_image_text_encoder.QWEN_2_5_VL_IMAGE_ID
 BYT5_TOKENIZER = "google/byt5-small"  # kohya's BYT5_TOKENIZER_PATH
@@ -80,14 +87,7 @@ def load_hunyuan(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) 
     path = Path(base_model)
     if not path.is_file():
         return diffusers.HunyuanImagePipeline.from_pretrained(base_model, dtype=dtype)
-    missing = [f"--{name}" for name in KOHYA_PARTS if not parts.get(name)]
-    if missing:
-        raise UserError(f"base model {base_model} is a HunyuanImage DiT file alone: kohya's {', '.join(missing)} "
-                        "must be given too (in [kohya.args] or its config_file), or set [eval] base_model to a "
-                        "diffusers HunyuanImage 2.1 folder")
-    for name in KOHYA_PARTS:
-        if not Path(parts[name]).is_file():
-            raise UserError(f"kohya's --{name} file {parts[name]} does not exist; check the path")
+    require_parts(base_model, parts, KOHYA_PARTS, "a HunyuanImage DiT file", "HunyuanImage 2.1")
     cache = parts.get("tokenizer_cache_dir")
     return diffusers.HunyuanImagePipeline(
         transformer=load_transformer(path, dtype),

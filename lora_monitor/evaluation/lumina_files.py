@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 from lora_monitor.errors import UserError
-from lora_monitor.evaluation.flux_files import AE_SCALING, AE_SHIFT, count_matching, ldm_vae, read_safetensors
+from lora_monitor.evaluation.flux_files import (
+    AE_SCALING,
+    AE_SHIFT,
+    count_matching,
+    ldm_vae,
+    read_safetensors,
+    require_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +57,7 @@ def load_lumina(base_model: str, parts: Mapping[str, str], dtype: torch.dtype) -
     path = Path(base_model)
     if not path.is_file():
         return diffusers.Lumina2Pipeline.from_pretrained(base_model, dtype=dtype)
-    missing = [f"--{name}" for name in KOHYA_PARTS if not parts.get(name)]
-    if missing:
-        raise UserError(f"base model {base_model} is a Lumina 2 transformer file alone: kohya's {', '.join(missing)} "
-                        "must be given too (in [kohya.args] or its config_file), or set [eval] base_model to a "
-                        "diffusers Lumina 2 folder")
-    for name in KOHYA_PARTS:
-        if not Path(parts[name]).is_file():
-            raise UserError(f"kohya's --{name} file {parts[name]} does not exist; check the path")
+    require_parts(base_model, parts, KOHYA_PARTS, "a Lumina 2 transformer file", "Lumina 2")
     files = _Files()  # a Neta-Lumina file given for several parts is read once
     transformer = load_transformer(files.read(path), path, dtype)
     text_encoder = load_gemma2(files.read(Path(parts["gemma2"])), Path(parts["gemma2"]), dtype)
