@@ -225,7 +225,8 @@ class EvalWorker:
         self._thread.start()
 
     def submit(self, ready: CheckpointReady) -> None:
-        self.queue.push(ready, ready.step)
+        # kohya's first samples (source = "kohya_samples") are the baseline: scored before any checkpoint
+        self.queue.push(ready, ready.step, first=bool(getattr(ready, "baseline", False)))
         self._wake.set()
 
     def close(self, timeout: float | None = None, backfill: bool = True) -> list[CheckpointReady]:

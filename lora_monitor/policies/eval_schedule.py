@@ -111,22 +111,25 @@ class _Entry(Generic[T]):
     item: T
     step: int | None
     seq: int
+    first: bool = False  # the run's baseline: before every checkpoint, in either order
 
-    def age_key(self) -> tuple[bool, int, int]:
+    def age_key(self) -> tuple[bool, bool, int, int]:
         """Older first: by step, unknown steps (usually the final file) after known ones, then push order."""
-        return (self.step is None, self.step if self.step is not None else 0, self.seq)
+        return (not self.first, self.step is None, self.step if self.step is not None else 0, self.seq)
 
-    def newest_key(self) -> tuple[bool, int, int]:
+    def newest_key(self) -> tuple[bool, bool, int, int]:
         """Newest first by step; of files saved at one step the first saved (kohya's step file before its
         epoch or final twin, so the twin is the one reported as a duplicate)."""
-        return (self.step is None, self.step if self.step is not None else 0, -self.seq)
+        return (self.first, self.step is None, self.step if self.step is not None else 0, -self.seq)
 
 
 class EvalQueue(Generic[T]):
     """Checkpoints waiting for evaluation. Thread-safe: the watcher pushes, the evaluator pops.
 
     newest_first=True: `pop` returns the newest pending checkpoint (highest step; unknown step counts as
-    newest), leaving the older ones pending for `backfill`. newest_first=False: oldest first.
+    newest), leaving the older ones pending for `backfill`. newest_first=False: oldest first. Either way an item
+    pushed as `first` (the baseline, from kohya's first samples) comes before every checkpoint: the rows after it
+    are compared with it.
     """
 
     def __init__(self, newest_first: bool = True) -> None:
@@ -135,12 +138,13 @@ class EvalQueue(Generic[T]):
         self._seq = 0
         self._ready = threading.Condition()
 
-    def push(self, item: T, step: int | None) -> bool:
-        """Queue `item` saved at `step`; False (and nothing queued) when an equal item is already pending."""
+    def push(self, item: T, step: int | None, first: bool = False) -> bool:
+        """Queue `item` saved at `step` (`first`: the baseline, popped before any checkpoint); False (and nothing
+        queued) when an equal item is already pending."""
         with self._ready:
             if any(entry.item == item for entry in self._entries):
                 return False
-            self._entries.append(_Entry(item, step, self._seq))
+            self._entries.append(_Entry(item, step, self._seq, first))
             self._seq += 1
             self._ready.notify()
             return True

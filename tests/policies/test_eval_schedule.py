@@ -111,6 +111,10 @@ Q = "q"  # marks a pop in the operation tables below
         (False, [("b", 20), ("a", 10), ("c", 30), Q, Q], ["a", "b"], ["c"]),
         (False, [("final", None), ("a", 10), Q], ["a"], ["final"]),
         (True, [Q, ("a", 10), ("a", 10), Q, Q], [None, "a", None], []),
+        # the baseline (pushed as first) before every checkpoint, whichever order and whenever it came
+        (True, [("a", 10), ("base", 0, True), ("b", 20), Q, Q], ["base", "b"], ["a"]),
+        (False, [("a", 10), ("final", None), ("base", 0, True), Q, Q], ["base", "a"], ["final"]),
+        (True, [("a", 10), ("base", 0, True)], [], ["base", "a"]),
     ],
 )
 def test_queue_order(newest_first: bool, operations: list, popped: list, left: list) -> None:
