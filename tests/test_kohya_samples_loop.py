@@ -29,8 +29,11 @@ def _prompts(folder: Path) -> Path:
 
 
 def _check_rows(out: Path, rows: pd.DataFrame) -> None:
-    """Every sampling has a row: the baseline from kohya's e000000 images, each step's named after its LoRA
-    when kohya saved one there; the signals that apply are filled, clip_t_holdout is not."""
+    """Every sampling has a row: the baseline from kohya's e000000 images, first, each step's named after its LoRA
+    when kohya saved one there; the signals that apply are filled, clip_t_holdout is not. The rows after the
+    baseline are in evaluation order, newest waiting first when scoring falls behind kohya: compared by step."""
+    assert rows["checkpoint"].iloc[0] == "baseline"
+    rows = rows.sort_values("step", kind="stable").reset_index(drop=True)
     assert list(rows["checkpoint"]) == ["baseline", "sample@step 10", "demo_dress-step00000020.safetensors",
                                         "sample@step 30", "demo_dress-step00000040.safetensors"]
     assert list(rows["status"]) == ["baseline", "ok", "ok", "ok", "ok"]
