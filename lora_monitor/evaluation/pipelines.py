@@ -37,7 +37,6 @@ SD3_GUIDANCE = {"sd3-medium": 7.0, "sd3.5-large": 3.5, "sd3.5-medium": 4.5}
 LUMINA_STEPS, LUMINA_GUIDANCE, LUMINA_TOKENS = 30, 4.0, 256  # Lumina2Pipeline's own defaults (kohya: 256 tokens)
 HUNYUAN_STEPS, HUNYUAN_DISTILLED_STEPS, HUNYUAN_DISTILLED_GUIDANCE = 50, 8, 3.25  # HunyuanImagePipeline's defaults
 ANIMA_STEPS = 50  # the modular Anima pipeline's default
-BF16_FAMILIES = ("flux", "sd3", "lumina", "hunyuan_image", "anima")
 FLUX_DEV_TOKENS, FLUX_SCHNELL_TOKENS = 512, 256  # T5 tokens, as kohya's flux_train_network.py and diffusers use
 
 
@@ -48,6 +47,7 @@ class SDAdapter:
     label = "SD"
     denoiser_name = "unet"
     flow_matching = False  # the schedulers of [eval] scheduler are SD's; flow-matching families keep their own
+    bf16 = False  # on a GPU: SD's choice of dtype (fp16) is kept
 
     def __init__(self, pipe: Any, system_prompt: str = "") -> None:
         self.pipe = pipe
@@ -96,20 +96,28 @@ class SDAdapter:
                             "scheduler; remove scheduler from [eval] (or set it to 'default')")
 
 
-class FluxAdapter(SDAdapter):
+class TransformerAdapter(SDAdapter):
+    """What the transformer families share: the denoiser is `transformer`, sampling is flow matching with the
+    model's own scheduler, the default size is the pipeline's `default_sample_size` latents, and the weights are
+    bf16 on a GPU (their T5 / LLM text encoders and transformers overflow in fp16)."""
+
+    denoiser_name = "transformer"
+    flow_matching = True
+    bf16 = True
+
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # e.g. 128 * 8: 1024 px
+
+
+class FluxAdapter(TransformerAdapter):
     """FLUX.1: a transformer with a guidance embedding (dev) or none (schnell), T5-XXL + CLIP-L, flow matching."""
 
     family = "flux"
     label = "FLUX.1"
-    denoiser_name = "transformer"
-    flow_matching = True
 
     @property
     def guidance_distilled(self) -> bool:
         return bool(self.pipe.transformer.config.guidance_embeds)
-
-    def default_size(self) -> int:
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: FLUX.1's 1024 px
 
     def default_steps(self) -> int:
         return FLUX_STEPS if self.guidance_distilled else SCHNELL_STEPS
@@ -134,22 +142,17 @@ class FluxAdapter(SDAdapter):
         return {"max_sequence_length": self.max_tokens()}
 
 
-class SD3Adapter(SDAdapter):
+class SD3Adapter(TransformerAdapter):
     """SD3.x: an MMDiT transformer, CLIP-L + CLIP-G + T5-XXL, flow matching with classifier-free guidance."""
 
     family = "sd3"
     label = "SD3"
-    denoiser_name = "transformer"
-    flow_matching = True
 
     def variant(self) -> str:
         config = self.pipe.transformer.config
         if not config.qk_norm:
             return "sd3-medium"
         return "sd3.5-medium" if config.dual_attention_layers else "sd3.5-large"
-
-    def default_size(self) -> int:
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: SD3's 1024 px
 
     def default_steps(self) -> int:
         return SD3_STEPS
@@ -172,17 +175,12 @@ class SD3Adapter(SDAdapter):
         return {n: t for n, t in zip(names, out, strict=True) if t is not None}
 
 
-class LuminaAdapter(SDAdapter):
+class LuminaAdapter(TransformerAdapter):
     """Lumina 2: a NextDiT transformer, a Gemma2 text encoder (prompts behind the pipeline's system prompt, padded
     to 256 tokens with an attention mask), flow matching with classifier-free guidance."""
 
     family = "lumina"
     label = "Lumina 2"
-    denoiser_name = "transformer"
-    flow_matching = True
-
-    def default_size(self) -> int:
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: 1024 px
 
     def default_steps(self) -> int:
         return LUMINA_STEPS
@@ -207,22 +205,17 @@ class LuminaAdapter(SDAdapter):
         return {n: t for n, t in zip(names, out, strict=True) if t is not None}
 
 
-class HunyuanImageAdapter(SDAdapter):
+class HunyuanImageAdapter(TransformerAdapter):
     """HunyuanImage 2.1: a double/single-block transformer, Qwen2.5-VL for the prompt and ByT5 for its quoted text,
     guidance by the pipeline's guider objects (classifier-free, then adaptive projected), no `guidance_scale`
     argument; the distilled model (guidance embedding) takes `distilled_guidance_scale` instead."""
 
     family = "hunyuan_image"
     label = "HunyuanImage 2.1"
-    denoiser_name = "transformer"
-    flow_matching = True
 
     @property
     def distilled(self) -> bool:
         return bool(self.pipe.transformer.config.guidance_embeds)
-
-    def default_size(self) -> int:
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 64 * 32: 2048 px
 
     def default_steps(self) -> int:
         return HUNYUAN_DISTILLED_STEPS if self.distilled else HUNYUAN_STEPS
@@ -255,17 +248,12 @@ class HunyuanImageAdapter(SDAdapter):
         return {}
 
 
-class AnimaAdapter(SDAdapter):
+class AnimaAdapter(TransformerAdapter):
     """Anima (evaluation/anima_pipeline.py): a Cosmos DiT, Qwen3 states and T5 ids for its LLM adapter, flow
     matching with classifier-free guidance set through the pipeline's guider."""
 
     family = "anima"
     label = "Anima"
-    denoiser_name = "transformer"
-    flow_matching = True
-
-    def default_size(self) -> int:
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)  # 128 * 8: 1024 px
 
     def default_steps(self) -> int:
         return ANIMA_STEPS
@@ -289,7 +277,8 @@ def adapter_for(pipe: Any, family: str, system_prompt: str = "") -> SDAdapter:
 
 
 def family_dtype(family: str, device: torch.device, sd_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the family's weights are loaded in: SD's choice (fp16 on a GPU), bf16 for FLUX and SD3 on a GPU."""
-    if family not in BF16_FAMILIES or device.type != "cuda":
+    """The dtype the family's weights are loaded in: SD's choice (fp16 on a GPU), bf16 on a GPU for the transformer
+    families (their adapter's `bf16`)."""
+    if not ADAPTERS.get(family, SDAdapter).bf16 or device.type != "cuda":
         return sd_dtype
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
