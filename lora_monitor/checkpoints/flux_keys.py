@@ -18,6 +18,8 @@ import re
 import torch
 
 from lora_monitor.checkpoints.kohya_keys import (
+    ADD_QKV,
+    QKV,
     Part,
     direct,
     module_parts_of,
@@ -28,8 +30,6 @@ from lora_monitor.checkpoints.kohya_keys import (
 )
 
 TEXT_ENCODER_PREFIXES = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"}  # CLIP-L, T5-XXL
-_QKV = ("to_q", "to_k", "to_v")
-_ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 # unfused modules: kohya name after `lora_unet_` -> diffusers path ({0}: block index)
 _DIRECT = (
@@ -61,7 +61,7 @@ def transformer_parts(name: str, out_rows: int, in_features: int) -> list[Part] 
     `out_rows` is the module's up-matrix row count, `in_features` its down matrix's column count.
     """
     if m := re.fullmatch(r"double_blocks_(\d+)_(img|txt)_attn_qkv", name):
-        names = _QKV if m[2] == "img" else _ADD_QKV
+        names = QKV if m[2] == "img" else ADD_QKV
         return split_equal("transformer", tuple(f"transformer_blocks.{m[1]}.attn.{n}" for n in names), out_rows)
     if m := re.fullmatch(r"single_blocks_(\d+)_linear1", name):  # reads the hidden state: in_features wide
         return qkv_and_mlp(f"single_transformer_blocks.{m[1]}", out_rows, in_features)

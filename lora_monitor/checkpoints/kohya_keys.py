@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 TRANSFORMER_PREFIX = "lora_unet_"
+QKV = ("to_q", "to_k", "to_v")  # diffusers' attention projections of the image stream
+ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")  # and of the text stream (joint attention)
 
 # text encoder module names (underscored by kohya) -> dotted paths; the leaf attributes keep their own `_`
 TEXT_ENCODER_NAMES = (
@@ -35,6 +37,10 @@ class Part:
     component: str
     path: str
     rows: tuple[tuple[int, int], ...]  # (start, stop) row ranges of the kohya up matrix, concatenated
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This part's rows of a fused layer's tensor (a LoRA up matrix, or the layer's own weight or bias)."""
+        return torch.cat([tensor[start:stop] for start, stop in self.rows])
 
 
 # (module name with its prefix, down, up) -> the diffusers layers it lands in; None when the name maps to none
@@ -59,7 +65,7 @@ def qkv_and_mlp(block: str, out_rows: int, hidden: int) -> list[Part] | None:
     if out_rows <= 3 * hidden:
         return None
     parts = [Part("transformer", f"{block}.attn.{n}", ((i * hidden, (i + 1) * hidden),))
-             for i, n in enumerate(("to_q", "to_k", "to_v"))]
+             for i, n in enumerate(QKV)]
     return [*parts, Part("transformer", f"{block}.proj_mlp", ((3 * hidden, out_rows),))]
 
 
@@ -117,7 +123,7 @@ def to_peft(state: dict[str, torch.Tensor], parts_of: PartsOf) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     for name, (down, up, scale) in kohya_modules(state).items():
         for part in parts_of(name, down, up) or []:
-            rows = torch.cat([up[start:stop] for start, stop in part.rows])
+            rows = part.take(up)
             b = rows if scale == 1.0 else (rows.float() * scale).to(up.dtype)
             out[f"{part.component}.{part.path}.lora_A.weight"] = down.contiguous()
             out[f"{part.component}.{part.path}.lora_B.weight"] = b.contiguous()

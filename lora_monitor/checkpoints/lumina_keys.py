@@ -29,11 +29,10 @@ import re
 
 import torch
 
-from lora_monitor.checkpoints.kohya_keys import Part, direct, module_parts_of, to_peft
+from lora_monitor.checkpoints.kohya_keys import QKV, Part, direct, module_parts_of, to_peft
 
 TEXT_ENCODER_PREFIX = "lora_te_"
 TEXT_ENCODER = "text_encoder"
-_QKV = ("to_q", "to_k", "to_v")
 _BLOCK = r"(layers|noise_refiner|context_refiner)_(\d+)"
 
 # unfused modules: kohya name after `lora_unet_` -> diffusers path ({0}: block list, {1}: block index)
@@ -65,7 +64,7 @@ def qkv_parts(block: str, out_rows: int, in_features: int) -> list[Part] | None:
         return None
     kv = rest // 2
     bounds = ((0, in_features), (in_features, in_features + kv), (in_features + kv, out_rows))
-    return [Part("transformer", f"{block}.attn.{n}", (b,)) for n, b in zip(_QKV, bounds, strict=True)]
+    return [Part("transformer", f"{block}.attn.{n}", (b,)) for n, b in zip(QKV, bounds, strict=True)]
 
 
 def transformer_parts(name: str, out_rows: int, in_features: int) -> list[Part] | None:

@@ -20,6 +20,8 @@ import re
 import torch
 
 from lora_monitor.checkpoints.kohya_keys import (
+    ADD_QKV,
+    QKV,
     Part,
     direct,
     module_parts_of,
@@ -29,8 +31,7 @@ from lora_monitor.checkpoints.kohya_keys import (
 )
 
 TEXT_ENCODER_PREFIXES = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
-_QKV = {"x_block_attn": ("to_q", "to_k", "to_v"), "x_block_attn2": ("to_q", "to_k", "to_v"),
-        "context_block_attn": ("add_q_proj", "add_k_proj", "add_v_proj")}
+_QKV = {"x_block_attn": QKV, "x_block_attn2": QKV, "context_block_attn": ADD_QKV}
 _ATTN_MODULE = {"x_block_attn": "attn", "x_block_attn2": "attn2", "context_block_attn": "attn"}
 
 # unfused modules: kohya name after `lora_unet_` -> diffusers path ({0}: block index)

@@ -122,7 +122,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if parts is None:
                 raise UserError(f"FLUX transformer tensor {key} has no diffusers counterpart")
             for part in parts:
-                out[f"{part.path}.{leaf}"] = torch.cat([tensor[a:b] for a, b in part.rows])
+                out[f"{part.path}.{leaf}"] = part.take(tensor)
             continue
         for pattern, path in _NORMS:
             if m := re.fullmatch(pattern, key):

@@ -32,6 +32,7 @@ import torch
 from accelerate import init_empty_weights
 
 from lora_monitor.checkpoints import hunyuan_keys
+from lora_monitor.checkpoints.kohya_keys import QKV
 from lora_monitor.errors import UserError
 from lora_monitor.evaluation.flux_files import (
     count_matching,
@@ -128,9 +129,9 @@ def original_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             if split is None:
                 raise UserError(f"HunyuanImage DiT tensor {key} has no diffusers counterpart")
             for part in split:
-                out[f"{part.path}.{leaf}"] = torch.cat([tensor[a:b] for a, b in part.rows])
+                out[f"{part.path}.{leaf}"] = part.take(tensor)
         elif m := re.fullmatch(_REFINER + r"self_attn_qkv\.(weight|bias)", key):
-            for name, chunk in zip(("to_q", "to_k", "to_v"), tensor.chunk(3), strict=True):
+            for name, chunk in zip(QKV, tensor.chunk(3), strict=True):
                 out[f"context_embedder.token_refiner.refiner_blocks.{m[1]}.attn.{name}.{m[2]}"] = chunk
         elif key.startswith("final_layer.adaLN_modulation.1."):  # (shift, scale) -> diffusers' (scale, shift)
             shift, scale = tensor.chunk(2)
