@@ -40,8 +40,7 @@ class RunSpec:
     kohya_args: tuple[tuple[str, Any], ...] = ()  # what kohya trains with: [kohya.args] over its config_file
     resolution: tuple[int, int] | None = None  # (width, height) kohya trains at; None: not known
     family: str = "sd"  # the model family kohya trains (lora_monitor.families): its script's, else [kohya] sdxl
-    # the separate model files kohya assembles the base model from (FLUX.1: clip_l, t5xxl, ae; SD3: clip_l,
-    # clip_g, t5xxl, vae; both: tokenizer_cache_dir)
+    # the separate model files kohya assembles a transformer family's base model from (MODEL_PART_ARGS)
     model_parts: tuple[tuple[str, str], ...] = ()
 
     @property

@@ -213,7 +213,7 @@ class Evaluator:
         if self._adapter is not None and sig == self._adapter_sig and not others:
             try:
                 with quiet_loaders():
-                    self.pipe.load_lora_weights(dict(loadable), adapter_name=self._adapter, hotswap=True)
+                    self.pipe.load_lora_weights(dict(for_pipe), adapter_name=self._adapter, hotswap=True)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure: fall back to a clean reload
                 log.debug("LoRA hotswap failed (%s); reloading", first_line(exc))
